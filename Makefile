@@ -1,0 +1,55 @@
+# distillery: `make teacher student export` runs the default tiny job end to end; `make test` runs the tests.
+#   make teacher JOB=examples/eurosat.yaml ARGS="teacher.synth.images_per_class=8"
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+JOB ?= examples/eurosat-tiny.yaml
+ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.distillery-installed
+TINY := models/tiny/.built
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: help install tiny-models teacher student export test clean clean-runs
+
+help:
+	@echo "make teacher student export   run the job JOB=$(JOB) end to end (ARGS='key=value ...' overrides)"
+	@echo "make test                     run the test suite"
+	@echo "make tiny-models              build the tiny offline models into models/tiny"
+	@echo "make install                  create $(VENV) and install distillery[dev]"
+	@echo "make clean-runs               delete runs/"
+
+# On a fresh clone the first target creates the virtual environment and installs what it needs.
+# pip takes torch/torchvision from the local wheel cache where the machine has one.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	set -o pipefail; $(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | grep -v "^WARNING: Location"
+	touch $@
+
+install: $(STAMP)
+
+$(TINY): $(STAMP) distillery/tiny.py $(wildcard distillery/tiny_configs/*.json)
+	HF_HUB_OFFLINE=1 $(BIN)/distillery tiny-models --out models/tiny
+	touch $@
+
+tiny-models: $(TINY)
+
+# The tiny models are only needed by jobs that point at models/tiny; building them is cheap and offline.
+teacher: $(STAMP) $(if $(findstring tiny,$(JOB)),$(TINY))
+	$(BIN)/distillery teacher --job $(JOB) $(ARGS)
+
+student: $(STAMP)
+	$(BIN)/distillery student --job $(JOB) $(ARGS)
+
+export: $(STAMP)
+	$(BIN)/distillery export --job $(JOB) $(ARGS)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+clean-runs:
+	rm -rf runs
+
+clean: clean-runs
+	rm -rf models/tiny .pytest_cache

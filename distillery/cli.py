@@ -1,0 +1,138 @@
+"""The ``distillery`` command line.
+
+    distillery teacher --job examples/eurosat-tiny.yaml            # synthetic set, pseudo-labels, manifest
+    distillery student --job examples/eurosat-tiny.yaml student.epochs=5
+    distillery export  --job examples/eurosat-tiny.yaml
+    distillery run runs/eurosat-tiny/export/model.onnx image.jpg   # classify images (runtime only, no torch)
+    distillery tiny-models --out models/tiny                       # build the offline demo models
+
+Heavy libraries are imported inside the commands, so ``distillery run`` stays torch-free.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+EPILOG = """\
+stages and their files (runs/<job>/ ...):
+  teacher   teacher/synthetic.parquet, teacher/pseudo_labels.parquet, teacher/manifest.parquet
+  student   student/model.safetensors, config.json, metrics.json
+  export    export/model.onnx, report.json
+Each stage reads only the previous stages' files, skips itself when its inputs and settings are
+unchanged, and resumes after an interruption. Override any job setting with key=value, e.g.
+  distillery student --job examples/eurosat-tiny.yaml student.epochs=5 student.model=resnet18
+Models: every role (models.diffusion, models.clip, models.captioner, models.expert) is a hub id or a
+local folder. Without internet, set HF_HUB_OFFLINE=1 and point roles at local folders.
+"""
+
+
+def _stage_parser(sub, name: str, help_: str, description: str):
+    p = sub.add_parser(name, help=help_, description=description, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--job", required=True, metavar="FILE", help="job file (YAML), e.g. examples/eurosat-tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override job settings, e.g. teacher.synth.images_per_class=8 student.epochs=3")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars (logs stay)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distillery",
+        description="Turn class names + a folder of unlabeled images into a small classifier for the edge: "
+                    "foundation-model teachers label the images, a timm student learns from them, and the "
+                    "student is exported to ONNX for a torch-free runtime.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _stage_parser(sub, "teacher", "generate synthetic images, pseudo-label the real ones, write the manifest",
+                  "Run the teacher stages: synthesis (diffusion model), zero-shot CLIP pseudo-labels, and the "
+                  "ensemble that writes teacher/manifest.parquet.")
+    _stage_parser(sub, "student", "train the timm student on the manifest",
+                  "Train the student (a timm model) on teacher/manifest.parquet; evaluates on data.eval when set.")
+    _stage_parser(sub, "export", "export the student to ONNX and check parity",
+                  "Export the student to ONNX with its preprocessing and class names in the metadata, and check "
+                  "parity against PyTorch on real domain images.")
+    r = sub.add_parser("run", help="classify images with an exported model (runtime only)",
+                       description="Classify images with an exported model. Needs only numpy, Pillow, onnxruntime.")
+    r.add_argument("model", help="path to model.onnx written by `distillery export`")
+    r.add_argument("images", nargs="+", help="image files")
+    r.add_argument("--topk", type=int, default=1, help="print the K best classes (default 1)")
+    r.add_argument("--json", action="store_true", help="print one JSON object per image")
+    t = sub.add_parser("tiny-models", help="build the tiny random models the offline demo job uses",
+                       description="Build tiny, seeded, random-initialised models for every role (diffusers, "
+                                   "transformers, open_clip, timm classes) into a local folder, once.")
+    t.add_argument("--out", default="models/tiny", help="output folder (default models/tiny)")
+    t.add_argument("--force", action="store_true", help="rebuild even if present")
+    return parser
+
+
+def _load(args):
+    from .job import load_job
+
+    return load_job(args.job, args.overrides)
+
+
+def _refs_for(job, stage: str) -> list[str]:
+    if stage == "teacher":
+        refs = [job.models.clip]
+        if job.teacher.synth.enabled:
+            refs.append(job.models.diffusion)
+        return refs
+    if stage == "student" and job.student.pretrained and job.student.pretrained.startswith("hf-hub:"):
+        return [job.student.pretrained]
+    return []
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "run":
+        from distillery.runtime.cli import main as run_main
+
+        run_argv = [args.model, *args.images, "--topk", str(args.topk)] + (["--json"] if args.json else [])
+        return run_main(run_argv)
+    try:
+        if args.command == "tiny-models":
+            from .tiny import build_tiny_models
+
+            for role, path in build_tiny_models(args.out, force=args.force).items():
+                print(f"{role}\t{path}")
+            return 0
+        job = _load(args)
+        from .models import prepare_hub_access
+
+        prepare_hub_access(_refs_for(job, args.command))
+        progress = not args.no_progress
+        if args.command == "teacher":
+            from distillery.teacher import run_teacher
+
+            run_teacher(job, progress=progress)
+        elif args.command == "student":
+            from distillery.student import train_student
+
+            train_student(job, progress=progress)
+        elif args.command == "export":
+            from distillery.export import export_onnx
+
+            export_onnx(job, progress=progress)
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to pick up where it stopped", file=sys.stderr)
+        return 130
+    except Exception as e:  # user-facing errors: one clear line, no traceback unless asked
+        from .job import JobError
+        from .models import ModelLoadError
+
+        known = (JobError, ModelLoadError, ValueError, FileNotFoundError)
+        if isinstance(e, known) or type(e).__name__.endswith("GateError"):
+            print(f"error: {e}", file=sys.stderr)
+            return 1 if type(e).__name__.endswith("GateError") else 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,380 @@
+"""Job files: one YAML file describes a whole run (classes, data, models, per-stage settings).
+
+A job is loaded into plain dataclasses, validated, and can be overridden from the command line
+with ``key=value`` pairs (``student.epochs=3``, ``teacher.synth.images_per_class=8``). Every
+stage saves the resolved job next to what it writes, so any artifact can be traced back.
+
+Relative paths in a job file are resolved against the folder the job file sits in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+__all__ = [
+    "ClassSpec", "DataCfg", "ModelsCfg", "SynthCfg", "ClipCfg", "EnsembleCfg", "TeacherCfg",
+    "StudentCfg", "ExportCfg", "Job", "JobError", "load_job", "apply_overrides", "settings_hash",
+]
+
+
+class JobError(ValueError):
+    """A job file or override is invalid; the message names the key, the value and the fix."""
+
+
+@dataclass
+class ClassSpec:
+    name: str  # the class as used in prompts, e.g. "annual crop land"
+    folder: str | None = None  # folder name in an ImageFolder evaluation set, e.g. "AnnualCrop"
+
+
+@dataclass
+class DataCfg:
+    unlabeled: str = ""  # folder of unlabeled domain images (searched recursively)
+    eval: str | None = None  # optional labeled folder, ImageFolder layout; read by evaluation only
+    extensions: list[str] = field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"])
+
+
+@dataclass
+class ModelsCfg:
+    # Each role is a hub id or a local folder, loaded by the owning library's own loader.
+    diffusion: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # diffusers pipeline folder / id
+    clip: str = "ViT-B-32/laion2b_s34b_b79k"  # open_clip "ARCH/TAG", "hf-hub:org/name" or a local folder
+    captioner: str = "Salesforce/blip-image-captioning-base"  # transformers image-to-text model
+    expert: str = "resnet18"  # timm model name, "hf-hub:..." or a local folder
+
+
+@dataclass
+class SynthCfg:
+    enabled: bool = True  # generate synthetic images at all
+    tricks: list[str] = field(default_factory=lambda: ["base"])  # SPEC §1 trick names
+    images_per_class: int = 120  # per trick
+    steps: int = 40  # DDIM steps
+    guidance: float = 7.5  # classifier-free guidance scale (random_guidance draws its own)
+    negative_prompt: str = ""  # empty = unconditional branch
+    resolution: int = 512  # generation size in pixels (must suit the UNet)
+    output_size: int | None = None  # resize to this size after generation (e.g. 64 for EuroSAT)
+    antialias: bool = False  # anti-alias the resize (DDN: on for CIFAR, off for EuroSAT)
+    batch_size: int = 8  # images per denoising batch
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
+    half: bool = True  # fp16 on CUDA (ignored on CPU)
+
+
+@dataclass
+class ClipCfg:
+    templates: list[str] = field(default_factory=lambda: ["a {domain} of a {c}.", "a photo of a {c}."])  # {c}, {domain}
+    logit_scale: float = 100.0  # p = softmax(scale * f_img . T^T), SPEC §3
+    batch_size: int = 64
+    device: str = "auto"
+
+
+@dataclass
+class EnsembleCfg:
+    weights: dict[str, float] = field(default_factory=lambda: {"clip": 1.0})  # teacher column -> weight
+    use_synthetic: bool = True  # put synthetic images in the training manifest
+    synthetic_weight: float = 1.0  # per-row weight of synthetic images
+    min_confidence: float = 0.0  # real images below this fused confidence get weight 0
+
+
+@dataclass
+class TeacherCfg:
+    synth: SynthCfg = field(default_factory=SynthCfg)
+    clip: ClipCfg = field(default_factory=ClipCfg)
+    ensemble: EnsembleCfg = field(default_factory=EnsembleCfg)
+
+
+@dataclass
+class StudentCfg:
+    model: str = "mobilenetv3_small_100"  # any timm model name
+    pretrained: str | None = None  # local weights file/folder, or null to train from scratch
+    input_size: int | None = None  # override timm's default input size (square)
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 2e-4  # AdamW, DDN recipe
+    weight_decay: float = 0.1  # SPEC §7: 0.1 for MobileNetV3, 0.3 EuroSAT ResNet
+    workers: int = 0  # DataLoader workers
+    device: str = "auto"
+
+
+@dataclass
+class ExportCfg:
+    opset: int = 17
+    formats: list[str] = field(default_factory=lambda: ["fp32"])  # fp32, fp16, int8
+    required: list[str] = field(default_factory=lambda: ["fp32"])  # formats whose failed gate fails the export
+    min_agreement: dict[str, float] = field(default_factory=lambda: {"fp32": 0.995, "fp16": 0.995, "int8": 0.98})
+    parity_images: int = 64  # held-aside real domain images used for the parity check
+
+
+@dataclass
+class Job:
+    name: str = ""
+    classes: list[ClassSpec] = field(default_factory=list)
+    domain: str = "photo"  # domain phrase used in prompts, e.g. "satellite photo"
+    data: DataCfg = field(default_factory=DataCfg)
+    run_dir: str | None = None  # default: runs/<name> under the current folder
+    models: ModelsCfg = field(default_factory=ModelsCfg)
+    teacher: TeacherCfg = field(default_factory=TeacherCfg)
+    student: StudentCfg = field(default_factory=StudentCfg)
+    export: ExportCfg = field(default_factory=ExportCfg)
+    seed: int = 0
+    source: str | None = None  # path of the job file (filled in by load_job)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generic dataclass <-> dict conversion with errors that name the key.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    args = get_args(tp)
+    if origin is not None and type(None) in args:  # Optional[X] / X | None
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise JobError(f"{key}: expected a mapping of settings, got {value!r}. "
+                           f"Valid keys: {', '.join(f.name for f in dataclasses.fields(tp))}.")
+        return _from_dict(tp, value, key)
+    if origin is list:
+        if isinstance(value, (str, dict)) or not hasattr(value, "__iter__"):
+            raise JobError(f"{key}: expected a list, got {value!r}. Write it as a YAML list, e.g. [a, b].")
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise JobError(f"{key}: expected a mapping, got {value!r}.")
+        return {str(k): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise JobError(f"{key}: expected true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise JobError(f"{key}: expected an integer, got {value!r}.")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise JobError(f"{key}: expected a number, got {value!r}.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise JobError(f"{key}: expected a string, got {value!r}.")
+        return str(value)
+    return value
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        import difflib
+
+        k = unknown[0]
+        full = f"{prefix}.{k}" if prefix else k
+        near = difflib.get_close_matches(str(k), names, n=1)
+        hint = f" Did you mean '{near[0]}'?" if near else ""
+        raise JobError(f"{full}: unknown key.{hint} Valid keys here: {', '.join(sorted(names))}.")
+    kwargs = {}
+    for k, v in data.items():
+        full = f"{prefix}.{k}" if prefix else k
+        kwargs[k] = _convert(v, hints[k], full)
+    return cls(**kwargs)
+
+
+def _parse_classes(raw: Any) -> list[dict]:
+    if not isinstance(raw, list) or not raw:
+        raise JobError(f"classes: expected a non-empty list of class names, got {raw!r}. "
+                       "Write e.g. classes: [forest, river] or a list of {name: ..., folder: ...}.")
+    out = []
+    for i, c in enumerate(raw):
+        if isinstance(c, str):
+            out.append({"name": c})
+        elif isinstance(c, dict):
+            out.append(c)
+        else:
+            raise JobError(f"classes[{i}]: expected a name or a mapping {{name, folder}}, got {c!r}.")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Overrides
+
+
+def _parse_scalar(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides to a raw job dict (values parsed as YAML scalars/lists)."""
+    for ov in overrides:
+        if "=" not in ov:
+            raise JobError(f"override {ov!r}: expected key=value, e.g. student.epochs=3.")
+        key, _, text = ov.partition("=")
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise JobError(f"override {ov!r}: '{p}' is not a group of settings.")
+            node = nxt
+        node[parts[-1]] = _parse_scalar(text)
+    return raw
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def _resolve_path(value: str | None, base: Path) -> str | None:
+    if value is None:
+        return None
+    p = Path(os.path.expanduser(value))
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def resolve_model_ref(value: str, base: Path) -> str:
+    """A model reference that looks like a path becomes an absolute path; hub ids stay as they are.
+
+    Paths are: anything starting with '.', '/', '~', containing a backslash, with two or more '/'
+    or that exists relative to the job file's folder. 'org/name' and 'ARCH/TAG' are hub ids.
+    """
+    if value.startswith(("hf-hub:", "local-dir:")):
+        return value
+    looks_like_path = value.startswith((".", "/", "~")) or "\\" in value or value.count("/") >= 2
+    if looks_like_path or (base / value).exists():
+        return _resolve_path(value, base)
+    return value
+
+
+TRICKS = ("base", "class_prompt", "multi_domain", "random_guidance", "all")
+EXPORT_FORMATS = ("fp32", "fp16", "int8")
+
+
+def validate(job: Job) -> Job:
+    if not job.name or any(ch in job.name for ch in "/\\") or job.name.startswith("."):
+        raise JobError(f"name: {job.name!r} is not a usable job name; give a short name without slashes, "
+                       "e.g. name: eurosat-tiny (it names the run folder runs/<name>).")
+    seen = set()
+    for i, c in enumerate(job.classes):
+        if not c.name.strip():
+            raise JobError(f"classes[{i}].name: empty class name. Every class needs a name used in prompts.")
+        if c.name in seen:
+            raise JobError(f"classes[{i}].name: {c.name!r} appears twice; class names must be unique.")
+        seen.add(c.name)
+    if len(job.classes) < 2:
+        raise JobError(f"classes: need at least 2 classes, got {len(job.classes)}.")
+    if not job.data.unlabeled:
+        raise JobError("data.unlabeled: missing. Name the folder of unlabeled domain images.")
+    if not Path(job.data.unlabeled).is_dir():
+        raise JobError(f"data.unlabeled: folder {job.data.unlabeled!r} does not exist. "
+                       "Give the folder of unlabeled images (relative paths are taken from the job file's folder).")
+    if job.data.eval is not None and not Path(job.data.eval).is_dir():
+        raise JobError(f"data.eval: folder {job.data.eval!r} does not exist. Give an ImageFolder-layout "
+                       "folder (one sub-folder per class) or remove the key.")
+    s = job.teacher.synth
+    for t in s.tricks:
+        if t not in TRICKS:
+            raise JobError(f"teacher.synth.tricks: unknown trick {t!r}; choose from {', '.join(TRICKS)}.")
+    for k in ("images_per_class", "steps", "resolution", "batch_size"):
+        if getattr(s, k) < 1:
+            raise JobError(f"teacher.synth.{k}: must be >= 1, got {getattr(s, k)}.")
+    if s.resolution % 8:
+        raise JobError(f"teacher.synth.resolution: {s.resolution} is not a multiple of 8 (the VAE downsamples by 8).")
+    if s.output_size is not None and s.output_size < 8:
+        raise JobError(f"teacher.synth.output_size: {s.output_size} is too small; use >= 8 or null.")
+    for name, w in job.teacher.ensemble.weights.items():
+        if w < 0:
+            raise JobError(f"teacher.ensemble.weights.{name}: negative weight {w}; weights must be >= 0.")
+    if not any(w > 0 for w in job.teacher.ensemble.weights.values()):
+        raise JobError("teacher.ensemble.weights: all weights are zero; give at least one teacher a weight > 0.")
+    st = job.student
+    for k in ("epochs", "batch_size"):
+        if getattr(st, k) < 1:
+            raise JobError(f"student.{k}: must be >= 1, got {getattr(st, k)}.")
+    if st.lr <= 0:
+        raise JobError(f"student.lr: must be > 0, got {st.lr}.")
+    for f in job.export.formats + job.export.required:
+        if f not in EXPORT_FORMATS:
+            raise JobError(f"export.formats/required: unknown format {f!r}; choose from {', '.join(EXPORT_FORMATS)}.")
+    for f in job.export.required:
+        if f not in job.export.formats:
+            raise JobError(f"export.required: {f!r} is required but not in export.formats {job.export.formats}; add it.")
+    return job
+
+
+def load_job(path: str | os.PathLike, overrides: list[str] | None = None) -> Job:
+    """Load, override, resolve and validate a job file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise JobError(f"job file {str(path)!r} not found. Pass --job FILE, e.g. --job examples/eurosat-tiny.yaml.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise JobError(f"job file {str(path)!r} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise JobError(f"job file {str(path)!r}: expected a mapping of settings at the top level.")
+    raw.setdefault("name", path.stem)
+    job = job_from_dict(raw, path.resolve().parent, overrides)
+    job.source = str(path.resolve())
+    return job
+
+
+def job_from_dict(raw: dict, base: str | os.PathLike = ".", overrides: list[str] | None = None) -> Job:
+    """Build a job from a raw dict; relative paths resolve against ``base`` (the job file's folder)."""
+    import copy
+
+    raw = apply_overrides(copy.deepcopy(raw), list(overrides or []))
+    raw["classes"] = _parse_classes(raw.get("classes"))
+    job = _from_dict(Job, raw)
+    base = Path(base).resolve()
+    job.data.unlabeled = _resolve_path(job.data.unlabeled, base) if job.data.unlabeled else ""
+    job.data.eval = _resolve_path(job.data.eval, base)
+    job.run_dir = str(Path(job.run_dir).resolve()) if job.run_dir else str((Path("runs") / job.name).resolve())
+    for f in dataclasses.fields(ModelsCfg):
+        setattr(job.models, f.name, resolve_model_ref(getattr(job.models, f.name), base))
+    if job.student.pretrained:
+        job.student.pretrained = _resolve_path(job.student.pretrained, base)
+    return validate(job)
+
+
+def settings_hash(*parts: Any) -> str:
+    """Stable sha256 of JSON-able settings (dataclasses allowed)."""
+    def default(o):
+        if dataclasses.is_dataclass(o):
+            return dataclasses.asdict(o)
+        if isinstance(o, Path):
+            return str(o)
+        raise TypeError(f"not hashable as settings: {type(o).__name__}")
+
+    text = json.dumps(parts, sort_keys=True, default=default, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()

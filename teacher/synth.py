@@ -1,0 +1,257 @@
+"""Synthetic images per class with the diversity "bag of tricks" (SPEC §1, DDN paper).
+
+Each trick is a generator of (prompt, guidance, seed) per image. Every image gets its own seed,
+derived from (job seed, class, trick, index), and every row of ``synthetic.parquet`` records what
+regenerates it. Generation runs a short classifier-free-guidance DDIM loop over the pipeline's own
+components, so that the guidance scale can differ per image inside one batch (the stock pipeline
+takes one scale per call); at a constant scale it equals the stock pipeline.
+
+Resumable: images are written under a temporary name and renamed, each finished image is logged
+with its sha256, and a rerun regenerates only rows whose file is missing or whose hash differs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+import unicodedata
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from distillery.rundir import (RunPaths, atomic_path, is_done, log, mark_done, read_table, save_resolved_job,
+                               sha256_file, stage_key, write_table)
+
+# SPEC §1: the ten general domains and the satellite form with its five styles.
+GENERAL_DOMAINS = ("photo", "drawing", "painting", "sketch", "collage", "poster", "digital art image",
+                   "rock drawing", "stick figure", "3D rendering")
+SATELLITE_STYLES = ("realistic photo", "drawing", "painting", "sketch", "3D rendering")
+RANDOM_GUIDANCE_RANGE = (1.0, 5.0)
+ALL_TRICKS = ("base", "class_prompt", "multi_domain", "random_guidance")
+
+
+@dataclass
+class PlannedImage:
+    class_index: int
+    class_name: str
+    trick: str
+    index: int  # index within (class, trick)
+    prompt: str
+    negative_prompt: str
+    guidance: float
+    steps: int
+    seed: int
+    relpath: str  # relative to the teacher folder
+
+
+def image_seed(job_seed: int, class_name: str, trick: str, index: int) -> int:
+    """A distinct, reproducible 63-bit seed per image."""
+    h = hashlib.sha256(f"{job_seed}|{class_name}|{trick}|{index}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def safe_name(text: str, max_len: int = 40) -> str:
+    """A path-safe ASCII slug of a class name (spaces, slashes, unicode and shell characters removed)."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    text = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+    return text[:max_len] or "class"
+
+
+def is_satellite(domain: str) -> bool:
+    return "satellite" in domain.lower() or "aerial" in domain.lower()
+
+
+def expand_tricks(tricks: list[str], domain: str | None = None) -> list[str]:
+    """Resolve ``all`` into the individual tricks (``class_prompt`` is left out where a domain word is set)."""
+    out: list[str] = []
+    for t in tricks:
+        if t == "all":
+            sub = [x for x in ALL_TRICKS if not (x == "class_prompt" and domain)]
+        else:
+            sub = [t]
+        out += [x for x in sub if x not in out]
+    return out
+
+
+def trick_prompt(trick: str, class_name: str, index: int, domain: str) -> str:
+    """The prompt of the ``index``-th image of a class under a trick, exactly as SPEC §1 writes it."""
+    if trick in ("base", "random_guidance"):
+        return f"an image of a {class_name}"
+    if trick == "class_prompt":
+        return class_name
+    if trick == "multi_domain":
+        if is_satellite(domain):
+            style = SATELLITE_STYLES[index % len(SATELLITE_STYLES)]
+            return f"a satellite photo of a {class_name} in the style of a {style}"
+        return f"a {GENERAL_DOMAINS[index % len(GENERAL_DOMAINS)]} of a {class_name}"
+    raise ValueError(f"unknown trick {trick!r}; choose from {', '.join(ALL_TRICKS + ('all',))}")
+
+
+def trick_guidance(trick: str, seed: int, default: float) -> float:
+    """random_guidance draws the scale per image, uniform in [1, 5], from the image's own seed."""
+    if trick == "random_guidance":
+        lo, hi = RANDOM_GUIDANCE_RANGE
+        return float(np.random.default_rng(seed).uniform(lo, hi))
+    return float(default)
+
+
+def plan(job) -> list[PlannedImage]:
+    """Every image the job asks for, in a stable order."""
+    s = job.teacher.synth
+    rows = []
+    for ci, c in enumerate(job.classes):
+        folder = f"{ci:03d}-{safe_name(c.name)}"
+        for trick in expand_tricks(s.tricks, job.domain):
+            for i in range(s.images_per_class):
+                seed = image_seed(job.seed, c.name, trick, i)
+                rows.append(PlannedImage(
+                    class_index=ci, class_name=c.name, trick=trick, index=i,
+                    prompt=trick_prompt(trick, c.name, i, job.domain), negative_prompt=s.negative_prompt,
+                    guidance=trick_guidance(trick, seed, s.guidance), steps=s.steps, seed=seed,
+                    relpath=f"synthetic/{folder}/{trick}/{i:05d}.png",
+                ))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-image-guidance denoising loop.
+
+
+def generate(pipe, prompts: list[str], guidance: list[float], seeds: list[int], steps: int,
+             negative_prompt: str | list[str] = "", resolution: int | None = None):
+    """Classifier-free guidance DDIM (eta 0) with one guidance scale and one seed per image.
+
+    Returns images as a float tensor (B, 3, H, W) in [0, 1]. Uses the pipeline's own text encoder,
+    UNet, VAE and a DDIM scheduler built from the pipeline's scheduler config.
+    """
+    import torch
+    from diffusers import DDIMScheduler
+
+    device = pipe.unet.device
+    dtype = pipe.unet.dtype
+    n = len(prompts)
+    if not (len(guidance) == len(seeds) == n):
+        raise ValueError(f"generate: got {n} prompts, {len(guidance)} guidance values and {len(seeds)} seeds; "
+                         "give one of each per image.")
+    neg = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
+    size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(steps, device=device)
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt(prompts, device, 1, True, negative_prompt=neg)
+        text = torch.cat([uncond, cond])  # (2B, L, D): unconditional first, as the pipeline does
+        shape = (pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+        latents = torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
+        latents = (latents.to(device=device, dtype=dtype)) * scheduler.init_noise_sigma
+        g = torch.tensor(guidance, device=device, dtype=dtype).view(n, 1, 1, 1)
+        for t in scheduler.timesteps:
+            model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            noise = pipe.unet(model_in, t, encoder_hidden_states=text).sample
+            noise_uncond, noise_text = noise.chunk(2)
+            noise = noise_uncond + g * (noise_text - noise_uncond)
+            latents = scheduler.step(noise, t, latents, eta=0.0).prev_sample
+        images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def to_pil(images, output_size: int | None, antialias: bool):
+    """(B,3,H,W) floats in [0,1] -> PIL images, optionally resized (anti-aliased or not, SPEC §1)."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    if output_size is not None and images.shape[-1] != output_size:
+        images = F.interpolate(images, size=(output_size, output_size), mode="bilinear", antialias=antialias,
+                               align_corners=False).clamp(0, 1)
+    arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage.
+
+
+def _progress_log(paths: RunPaths) -> Path:
+    return paths.teacher / ".synthetic.progress.jsonl"
+
+
+def _recorded_hashes(paths: RunPaths) -> dict[str, str]:
+    """relpath -> sha256 for every image a previous (possibly interrupted) run finished."""
+    done: dict[str, str] = {}
+    if paths.synthetic.is_file():
+        for r in read_table(paths.synthetic):
+            done[r["relpath"]] = r["sha256"]
+    logf = _progress_log(paths)
+    if logf.is_file():
+        for line in logf.read_text().splitlines():
+            try:
+                r = json.loads(line)
+                done[r["relpath"]] = r["sha256"]
+            except (ValueError, KeyError):
+                continue  # a line cut short by a crash
+    return done
+
+
+def synth_settings(job) -> dict:
+    return {"synth": asdict(job.teacher.synth), "classes": job.class_names, "domain": job.domain,
+            "seed": job.seed, "diffusion": job.models.diffusion}
+
+
+def run_synth(job, progress: bool = True) -> dict:
+    """Generate (or complete) the synthetic set and write ``synthetic.parquet``."""
+    from tqdm import tqdm
+
+    paths = RunPaths(job.run_path)
+    s = job.teacher.synth
+    key = stage_key(synth_settings(job))
+    planned = plan(job)
+    recorded = _recorded_hashes(paths)
+    todo = [p for p in planned
+            if not ((paths.teacher / p.relpath).is_file() and recorded.get(p.relpath) == sha256_file(paths.teacher / p.relpath))]
+    if not todo and is_done(paths.teacher, "synth", key, [paths.synthetic]):
+        log(f"synth: up to date ({len(planned)} images in {paths.synthetic})")
+        return {"images": len(planned), "generated": 0}
+    log(f"synth: {len(planned)} images planned, {len(planned) - len(todo)} already on disk, generating {len(todo)}")
+    paths.teacher.mkdir(parents=True, exist_ok=True)
+    save_resolved_job(job, paths.teacher)
+    t0 = time.perf_counter()
+    if todo:
+        from distillery.models import load_diffusion, pick_device
+
+        device = pick_device(s.device)
+        pipe = load_diffusion(job.models.diffusion, device=device, half=s.half)
+        bar = tqdm(total=len(todo), desc="synth", unit="img", disable=not progress)
+        with open(_progress_log(paths), "a", encoding="utf-8") as logf:
+            for b in range(0, len(todo), s.batch_size):
+                batch = todo[b:b + s.batch_size]
+                images = generate(pipe, [p.prompt for p in batch], [p.guidance for p in batch],
+                                  [p.seed for p in batch], s.steps, [p.negative_prompt for p in batch],
+                                  resolution=s.resolution)
+                for p, im in zip(batch, to_pil(images, s.output_size, s.antialias)):
+                    dest = paths.teacher / p.relpath
+                    with atomic_path(dest) as tmp:
+                        im.save(tmp, format="PNG")
+                    logf.write(json.dumps({"relpath": p.relpath, "sha256": sha256_file(dest)}) + "\n")
+                    logf.flush()
+                bar.update(len(batch))
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    recorded = _recorded_hashes(paths)
+    rows = []
+    for p in planned:
+        d = asdict(p)
+        d["path"] = str((paths.teacher / p.relpath).resolve())
+        d["sha256"] = recorded[p.relpath]
+        d["model"] = job.models.diffusion
+        d["lora"] = None  # the domain LoRA comes with the synthesis issue
+        d["resolution"] = s.resolution
+        d["output_size"] = s.output_size
+        rows.append(d)
+    write_table(paths.synthetic, rows)
+    _progress_log(paths).unlink(missing_ok=True)
+    mark_done(paths.teacher, "synth", key, {"images": len(rows)})
+    info = {"images": len(planned), "generated": len(todo), "seconds": round(elapsed, 2),
+            "images_per_s": round(len(todo) / elapsed, 3) if todo and elapsed > 0 else None}
+    log(f"synth: wrote {paths.synthetic} ({info})")
+    return info
