@@ -96,6 +96,11 @@ class StudentCfg:
     batch_size: int = 128
     lr: float = 2e-4  # AdamW, DDN recipe
     weight_decay: float = 0.1  # SPEC §7: 0.1 for MobileNetV3, 0.3 EuroSAT ResNet
+    distill_alpha: float = 0.0  # loss = a*tau^2*KL(soft || student/tau) + (1-a)*CE(hard); 0 = plain CE
+    temperature: float = 2.0  # distillation temperature tau (not published by DDN; a common default)
+    model_args: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs, e.g. drop_rate
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    amp: bool = True  # bfloat16 autocast on CUDA (ignored on CPU)
     workers: int = 0  # DataLoader workers
     device: str = "auto"
 
@@ -321,6 +326,12 @@ def validate(job: Job) -> Job:
             raise JobError(f"student.{k}: must be >= 1, got {getattr(st, k)}.")
     if st.lr <= 0:
         raise JobError(f"student.lr: must be > 0, got {st.lr}.")
+    if not 0.0 <= st.distill_alpha <= 1.0:
+        raise JobError(f"student.distill_alpha: must be in [0, 1], got {st.distill_alpha}.")
+    if st.temperature <= 0:
+        raise JobError(f"student.temperature: must be > 0, got {st.temperature}.")
+    if len(st.crop_scale) != 2 or not 0 < st.crop_scale[0] <= st.crop_scale[1] <= 1:
+        raise JobError(f"student.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {st.crop_scale}.")
     for f in job.export.formats + job.export.required:
         if f not in EXPORT_FORMATS:
             raise JobError(f"export.formats/required: unknown format {f!r}; choose from {', '.join(EXPORT_FORMATS)}.")
@@ -363,7 +374,7 @@ def job_from_dict(raw: dict, base: str | os.PathLike = ".", overrides: list[str]
     for f in dataclasses.fields(ModelsCfg):
         setattr(job.models, f.name, resolve_model_ref(getattr(job.models, f.name), base))
     if job.student.pretrained:
-        job.student.pretrained = _resolve_path(job.student.pretrained, base)
+        job.student.pretrained = resolve_model_ref(job.student.pretrained, base)
     return validate(job)
 
 

@@ -1,0 +1,174 @@
+"""The student's data: the teacher's training manifest, the evaluation folder and the transforms.
+
+The manifest (``runs/<job>/teacher/manifest.parquet``) has one row per training image with the
+columns ``path, source, sha256, label, soft_target, weight``. It is validated up front so that a
+bad row fails the stage before any training, with a message naming the row, the path and the fix.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "MANIFEST_COLUMNS", "read_manifest", "validate_manifest", "ManifestDataset", "list_eval_images",
+    "ImageListDataset", "train_transform", "eval_transform", "load_rgb",
+]
+
+MANIFEST_COLUMNS = ("path", "source", "sha256", "label", "soft_target", "weight")
+_FIX = "Rerun the teacher stage to rebuild the manifest, or remove the row."
+
+
+def load_rgb(path: str | Path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _bad_row(manifest: Path, rows: list[dict], bad: np.ndarray, problem: str, fix: str = _FIX) -> ValueError:
+    """A ValueError for the first offending row (index, path, what is wrong, how many rows share it)."""
+    idx = np.flatnonzero(bad)
+    i = int(idx[0])
+    more = f" ({len(idx) - 1} more rows have the same problem)" if len(idx) > 1 else ""
+    return ValueError(f"manifest {str(manifest)!r} row {i} (path {rows[i].get('path')!r}): {problem(i) if callable(problem) else problem}"
+                      f"{more}. {fix}")
+
+
+def validate_manifest(rows: list[dict], num_classes: int, manifest: str | Path = "manifest") -> None:
+    """Check every row against the contract; raise ``ValueError`` naming the first bad row and the fix."""
+    manifest = Path(manifest)
+    if not rows:
+        raise ValueError(f"manifest {str(manifest)!r} has no rows; the student has nothing to train on. "
+                         "Check that the teacher stage found images in data.unlabeled (or enable synthetic data).")
+    missing = [c for c in MANIFEST_COLUMNS if c not in rows[0]]
+    if missing:
+        raise ValueError(f"manifest {str(manifest)!r} lacks the column(s) {missing}; expected {list(MANIFEST_COLUMNS)}. "
+                         "Rebuild it with the teacher stage of this version of distillery.")
+    n = len(rows)
+    paths = [r["path"] for r in rows]
+    bad = np.array([not isinstance(p, str) or not Path(p).is_file() for p in paths])
+    if bad.any():
+        raise _bad_row(manifest, rows, bad, "the image file does not exist",
+                       "Restore the file, or rerun the teacher stage to rebuild the manifest.")
+    labels = [r["label"] for r in rows]
+    bad = np.array([not isinstance(y, (int, np.integer)) or isinstance(y, bool) or not 0 <= y < num_classes
+                    for y in labels])
+    if bad.any():
+        raise _bad_row(manifest, rows, bad, lambda i: f"label {labels[i]!r} is not a class index in [0, {num_classes})"
+                       f" (the job has {num_classes} classes)",
+                       "The manifest was probably built for other classes: rerun the teacher stage for this job.")
+    soft = [r["soft_target"] for r in rows]
+    bad = np.array([s is None or len(s) != num_classes for s in soft])
+    if bad.any():
+        raise _bad_row(manifest, rows, bad, lambda i: f"soft_target has length "
+                       f"{None if soft[i] is None else len(soft[i])}, expected {num_classes} (one per class)",
+                       "The manifest was probably built for other classes: rerun the teacher stage for this job.")
+    arr = np.asarray(soft, dtype=np.float64).reshape(n, num_classes)
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        raise _bad_row(manifest, rows, bad, lambda i: f"soft_target contains NaN/inf: {arr[i].tolist()}")
+    bad = (arr < 0).any(axis=1) | (np.abs(arr.sum(axis=1) - 1.0) > 1e-3)
+    if bad.any():
+        raise _bad_row(manifest, rows, bad, lambda i: f"soft_target is not a probability vector (sum "
+                       f"{arr[i].sum():.6f}, min {arr[i].min():.6f}); it must be >= 0 and sum to 1")
+    weights = np.array([np.nan if r["weight"] is None else r["weight"] for r in rows], dtype=np.float64)
+    bad = ~np.isfinite(weights) | (weights < 0)
+    if bad.any():
+        raise _bad_row(manifest, rows, bad, lambda i: f"weight {rows[i]['weight']!r} must be a finite number >= 0")
+    if not (weights > 0).any():
+        raise ValueError(f"manifest {str(manifest)!r}: every row has weight 0, so there is nothing to train on. "
+                         "Lower teacher.ensemble.min_confidence or enable synthetic data, then rerun the teacher stage.")
+
+
+def read_manifest(path: str | Path, num_classes: int) -> list[dict]:
+    """Read and validate the manifest; each returned row carries its original index as ``row``."""
+    from distillery.rundir import read_table
+
+    rows = read_table(path, what="training manifest")
+    validate_manifest(rows, num_classes, path)
+    for i, r in enumerate(rows):
+        r["row"] = i
+    return rows
+
+
+class ManifestDataset:
+    """Manifest rows -> ``(image (3, H, W), label, soft_target (C,), weight)``; zero-weight rows are dropped."""
+
+    def __init__(self, rows: list[dict], transform):
+        import torch
+
+        self.rows = [r for r in rows if r["weight"] > 0]  # weight 0 = ignore; no point decoding them
+        self.transform = transform
+        self.soft = torch.tensor(np.asarray([r["soft_target"] for r in self.rows], dtype=np.float32))
+        self.labels = torch.tensor([r["label"] for r in self.rows], dtype=torch.long)
+        self.weights = torch.tensor([r["weight"] for r in self.rows], dtype=torch.float32)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        r = self.rows[i]
+        try:
+            img = load_rgb(r["path"])
+        except Exception as e:  # PIL raises many types; name the row and the file
+            raise ValueError(f"manifest row {r['row']}: cannot read image {r['path']!r}: {str(e).rstrip('.')}. Replace the file or "
+                             "rerun the teacher stage.") from e
+        return self.transform(img), self.labels[i], self.soft[i], self.weights[i]
+
+
+def list_eval_images(folder: str | Path, folders: list[str], extensions) -> list[tuple[Path, int]]:
+    """ImageFolder layout -> ``[(image path, class index)]``; ``folders[i]`` is class i's sub-folder name.
+
+    A sub-folder that matches no class is an error (it would silently be left out of the accuracy).
+    """
+    from distillery.rundir import list_images
+
+    folder = Path(folder)
+    index = {name: i for i, name in enumerate(folders)}
+    subdirs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    unknown = [d for d in subdirs if d not in index]
+    if unknown:
+        raise ValueError(f"data.eval: sub-folder(s) {unknown} of {str(folder)!r} match no class; the classes' folders are "
+                         f"{folders}. Set classes[i].folder to the sub-folder name of each class.")
+    items = [(p, index[d]) for d in subdirs for p in list_images(folder / d, extensions)]
+    if not items:
+        raise ValueError(f"data.eval: no images found in the class sub-folders of {str(folder)!r} (looked for {folders}). "
+                         "Use the ImageFolder layout: one sub-folder of images per class.")
+    return items
+
+
+class ImageListDataset:
+    """``[(path, label)]`` -> ``(image (3, H, W), label)``."""
+
+    def __init__(self, items: list[tuple[Path, int]], transform):
+        self.items = items
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        path, label = self.items[i]
+        return self.transform(load_rgb(path)), label
+
+
+def train_transform(data_config: dict, scale: tuple[float, float] = (0.08, 1.0)):
+    """RandomResizedCrop + horizontal flip (the DDN recipe), then timm's normalisation."""
+    from timm.data.transforms import str_to_interp_mode
+    from torchvision import transforms as T
+
+    size = tuple(data_config["input_size"][1:])
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=scale, interpolation=str_to_interp_mode(data_config["interpolation"])),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(mean=data_config["mean"], std=data_config["std"]),
+    ])
+
+
+def eval_transform(data_config: dict):
+    """timm's own eval transform for the data config (resize, center crop, normalise)."""
+    from timm.data import create_transform
+
+    return create_transform(**data_config, is_training=False)
