@@ -10,11 +10,12 @@ STAMP := $(VENV)/.distillery-installed
 TINY := models/tiny/.built
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help install tiny-models teacher student export test clean clean-runs
+.PHONY: help install tiny-models teacher student export test bench clean clean-runs
 
 help:
 	@echo "make teacher student export   run the job JOB=$(JOB) end to end (ARGS='key=value ...' overrides)"
 	@echo "make test                     run the test suite"
+	@echo "make bench                    speed/quality figures (BENCH='synth runtime' for some)"
 	@echo "make tiny-models              build the tiny offline models into models/tiny"
 	@echo "make install                  create $(VENV) and install distillery[dev]"
 	@echo "make clean-runs               delete runs/"
@@ -47,6 +48,10 @@ export: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+# Speed/quality figures as ratios in one run: `make bench` (all) or `make bench BENCH="synth runtime"`.
+bench: $(STAMP) $(TINY)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench $(BENCH)
 
 clean-runs:
 	rm -rf runs

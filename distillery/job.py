@@ -112,6 +112,7 @@ class ExportCfg:
     required: list[str] = field(default_factory=lambda: ["fp32"])  # formats whose failed gate fails the export
     min_agreement: dict[str, float] = field(default_factory=lambda: {"fp32": 0.995, "fp16": 0.995, "int8": 0.98})
     parity_images: int = 64  # held-aside real domain images used for the parity check
+    calibration_images: int = 128  # INT8 calibration images, class-balanced from the pseudo-labeled domain images
 
 
 @dataclass

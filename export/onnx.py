@@ -1,0 +1,425 @@
+"""Export the student to ONNX, measure parity against PyTorch on real domain images, gate it (SPEC §8).
+
+```
+runs/<job>/student/model.safetensors + config.json
+    -> runs/<job>/export/model.onnx        fp32, dynamic batch, input "input" (B,3,H,W) -> "logits" (B,K)
+       runs/<job>/export/model.fp16.onnx   when "fp16" in export.formats (float32 inputs/outputs kept)
+       runs/<job>/export/model.int8.onnx   when "int8" in export.formats (static QDQ, calibrated)
+       runs/<job>/export/report.json       parity per format + TensorRT status
+```
+
+Every file carries a ``distillery`` metadata entry: a JSON string with the class names, the
+preprocessing contract (see ``distillery.runtime.preprocess``), the provenance hash and versions.
+
+Parity images are real domain images, class-balanced by pseudo-label, preprocessed by the
+*runtime's* preprocessing and scored by the runtime's ``Classifier``, so the export check also
+tests the code apps will run. INT8 calibration images are drawn the same way, disjoint from the
+parity images when there are enough.
+
+The exporter is ``torch.onnx.export(..., dynamo=False)`` (TorchScript tracing): it honours the
+requested opset and takes well under a second on a small CNN. The dynamo exporter works offline
+too but always emits opset >= 18 (its down-conversion to 17 fails on timm models) and takes
+15-20 s on a tiny model, so it is only the fallback when tracing fails.
+"""
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distillery.rundir import (RunPaths, atomic_path, is_done, list_images, log, mark_done, read_json, read_table,
+                               save_resolved_job, sha256_file, stage_key, stamp_path, write_json)
+from distillery.runtime.classifier import METADATA_KEY, Classifier
+from distillery.runtime.preprocess import contract_from_data_config, preprocess
+
+__all__ = ["export_onnx", "ExportGateError", "balanced_sample", "build_metadata", "parity",
+           "FORMAT_FILES"]
+
+STAGE = "export"
+EXPORT_VERSION = "1"  # bump when the export itself changes, so stale exports are redone
+FORMAT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+DEFAULT_MIN_AGREEMENT = {"fp32": 0.995, "fp16": 0.995, "int8": 0.98}
+HINTS = {
+    "fp32": "fp32 should match PyTorch almost exactly, so a large max |Δlogit| points at an operator the exporter "
+            "translated differently: try another export.opset (e.g. 18); if max |Δlogit| is tiny the images sit on "
+            "class ties and you can lower export.min_agreement.fp32",
+    "fp16": "half precision loses too much for this model: keep fp32, drop fp16 from export.required, "
+            "or lower export.min_agreement.fp16",
+    "int8": "quantisation loses too much: give more/more varied unlabeled images (calibration uses "
+            "export.calibration_images class-balanced pseudo-labeled ones), drop int8 from export.required, "
+            "or lower export.min_agreement.int8",
+}
+
+
+class ExportGateError(RuntimeError):
+    """A required export format failed its parity gate; the message names the format, the figure and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Student
+
+
+def _load_student(folder: str | Path):
+    """The trained student as ``(eval-mode model, config)``, through the student room's own loader."""
+    from distillery.student import load_student
+
+    return load_student(folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image selection
+
+
+def balanced_sample(rows: list[dict], n: int, seed: int = 0, exclude: set[str] = frozenset()) -> list[str]:
+    """Up to ``n`` paths drawn round-robin over ``label`` (classes in index order, each shuffled with ``seed``).
+
+    Classes with fewer images run out and the others fill the remaining slots, so the sample is as
+    balanced as the data allows. Rows whose path is in ``exclude`` are skipped.
+    """
+    by_label: dict[int, list[str]] = {}
+    for r in rows:
+        if r["path"] not in exclude:
+            by_label.setdefault(int(r["label"]), []).append(r["path"])
+    rng = random.Random(seed)
+    queues = []
+    for label in sorted(by_label):
+        paths = sorted(set(by_label[label]))
+        rng.shuffle(paths)
+        queues.append(paths)
+    out: list[str] = []
+    depth = 0
+    while len(out) < n and any(depth < len(q) for q in queues):
+        for q in queues:
+            if depth < len(q) and len(out) < n:
+                out.append(q[depth])
+        depth += 1
+    return out
+
+
+def _domain_images(job, paths: RunPaths) -> tuple[list[dict], str]:
+    """Rows {path, label} of real domain images: pseudo-labeled when the teacher ran, else the folder unlabeled."""
+    if paths.pseudo_labels.is_file():
+        rows = [{"path": r["path"], "label": r["label"]} for r in read_table(paths.pseudo_labels, "pseudo labels")]
+        rows = [r for r in rows if Path(r["path"]).is_file()]
+        if rows:
+            return rows, "pseudo_labels"
+        log(f"{STAGE}: no image listed in {paths.pseudo_labels} exists any more; using {job.data.unlabeled}")
+    images = list_images(job.data.unlabeled, job.data.extensions)
+    return [{"path": str(p), "label": 0} for p in images], "unlabeled"
+
+
+# ----------------------------------------------------------------------------------------------
+# ONNX building blocks
+
+
+def build_metadata(config: dict, fmt: str) -> dict[str, Any]:
+    """The ``distillery`` metadata object written into every exported file."""
+    import onnx
+    import timm
+    import torch
+
+    import onnxruntime
+
+    versions = {"torch": torch.__version__, "timm": timm.__version__, "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__}
+    try:
+        import onnxslim
+
+        versions["onnxslim"] = onnxslim.__version__
+    except ImportError:
+        pass
+    return {
+        "class_names": list(config["class_names"]),
+        "preprocess": contract_from_data_config(config["data_config"]),
+        "provenance": config.get("job_hash", ""),
+        "architecture": config["architecture"],
+        "versions": versions,
+        "format": fmt,
+    }
+
+
+def _set_metadata(model, meta: dict) -> None:
+    import onnx
+
+    props = {p.key: p.value for p in model.metadata_props if p.key != METADATA_KEY}
+    props[METADATA_KEY] = json.dumps(meta, sort_keys=True)
+    onnx.helper.set_model_props(model, props)
+
+
+def _torch_to_onnx(model, input_size: list[int], opset: int, out: Path) -> str:
+    """Write the raw export to ``out``; returns the exporter used ("torchscript" or "dynamo")."""
+    import torch
+
+    dummy = torch.randn(2, *input_size)  # batch 2 so nothing specialises on a batch of 1
+    names = dict(input_names=["input"], output_names=["logits"], opset_version=opset)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # "legacy TorchScript-based ONNX export"
+            torch.onnx.export(model, (dummy,), str(out), dynamo=False,
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **names)
+        return "torchscript"
+    except Exception as e:
+        log(f"{STAGE}: TorchScript export failed ({type(e).__name__}: {e}); trying the dynamo exporter")
+    if opset < 18:  # its down-conversion below 18 fails on timm models (Reduce* axes), so ask for 18
+        log(f"{STAGE}: the dynamo exporter emits opset 18, not export.opset={opset}")
+        names["opset_version"] = 18
+    batch = torch.export.Dim("batch")
+    torch.onnx.export(model, (dummy,), str(out), dynamo=True, external_data=False, verbose=False,
+                      dynamic_shapes=({0: batch},), **names)
+    return "dynamo"
+
+
+def _export_fp32(model, config: dict, opset: int, out: Path, progress: bool) -> dict:
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="distillery-export-") as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        exporter = _torch_to_onnx(model, config["data_config"]["input_size"], opset, raw)
+        proto = onnx.load(str(raw))
+    onnx.checker.check_model(proto, full_check=True)
+    slimmed = False
+    try:
+        import onnxslim
+    except ImportError:
+        log(f"{STAGE}: onnxslim is not installed; keeping the graph as exported")
+    else:
+        try:
+            candidate = onnxslim.slim(proto)
+            onnx.checker.check_model(candidate, full_check=True)
+            proto, slimmed = candidate, True
+        except Exception as e:
+            log(f"{STAGE}: onnxslim failed ({type(e).__name__}: {e}); keeping the graph as exported")
+    _set_metadata(proto, build_metadata(config, "fp32"))
+    onnx.checker.check_model(proto)
+    with atomic_path(out) as tmp:
+        onnx.save_model(proto, str(tmp))
+    opset_out = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
+    if progress:
+        log(f"{STAGE}: fp32 {out} ({exporter} exporter, opset {opset_out}, "
+            f"{'simplified by onnxslim' if slimmed else 'not simplified'}, {out.stat().st_size / 1e6:.1f} MB)")
+    return {"exporter": exporter, "opset": opset_out, "onnxslim": slimmed}
+
+
+def _export_fp16(src: Path, config: dict, out: Path) -> None:
+    """Weights and activations in float16, float32 input/output (onnxruntime's own float16 converter)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    proto = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    _toposort(proto.graph)  # the converter appends its input/output Casts at the end of the node list
+    _set_metadata(proto, build_metadata(config, "fp16"))
+    onnx.checker.check_model(proto)
+    with atomic_path(out) as tmp:
+        onnx.save_model(proto, str(tmp))
+
+
+def _toposort(graph) -> None:
+    """Reorder ``graph.node`` in place so every node comes after the producers of its inputs (stable)."""
+    produced_by = {out: i for i, n in enumerate(graph.node) for out in n.output if out}
+    deps = [{produced_by[x] for x in n.input if x in produced_by} - {i} for i, n in enumerate(graph.node)]
+    order, placed = [], set()
+    while len(order) < len(graph.node):
+        ready = [i for i in range(len(graph.node)) if i not in placed and deps[i] <= placed]
+        if not ready:
+            raise ValueError("the fp16 graph has a cycle; cannot order its nodes")
+        for i in ready:
+            order.append(i)
+            placed.add(i)
+    nodes = [graph.node[i] for i in order]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _export_int8(src: Path, config: dict, calib: np.ndarray, out: Path) -> None:
+    """Static INT8 (QDQ, per-channel weights) calibrated with MinMax on real, class-balanced images."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": calib[i:i + 16]} for i in range(0, len(calib), 16)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory(prefix="distillery-int8-") as tmp:
+        pre, q = Path(tmp) / "pre.onnx", Path(tmp) / "q.onnx"
+        try:
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        except Exception as e:
+            log(f"{STAGE}: int8 pre-processing failed ({type(e).__name__}: {e}); quantising the fp32 graph as is")
+            pre = src
+        quantize_static(str(pre), str(q), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        proto = onnx.load(str(q))
+    _set_metadata(proto, build_metadata(config, "int8"))
+    onnx.checker.check_model(proto)
+    with atomic_path(out) as tmp:
+        onnx.save_model(proto, str(tmp))
+
+
+# ----------------------------------------------------------------------------------------------
+# Parity
+
+
+def parity(model_path: Path, reference: np.ndarray, batch: np.ndarray) -> dict[str, Any]:
+    """Runtime (onnxruntime, CPU) logits on ``batch`` vs PyTorch ``reference`` logits: agreement and |Δlogit|."""
+    clf = Classifier.load(model_path, providers=["CPUExecutionProvider"])
+    got = np.concatenate([clf.predict_logits(batch[i:i + 32]) for i in range(0, len(batch), 32)])
+    diff = np.abs(got.astype(np.float64) - reference.astype(np.float64))
+    return {
+        "agreement": float(np.mean(got.argmax(1) == reference.argmax(1))),
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "n_images": int(len(batch)),
+    }
+
+
+def _torch_logits(model, batch: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return np.concatenate([model(torch.from_numpy(batch[i:i + 32])).float().numpy()
+                               for i in range(0, len(batch), 32)])
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+def export_onnx(job, *, progress: bool = True) -> dict:
+    """Export the job's student to ONNX (fp32, and fp16/int8 when listed in ``export.formats``), check parity
+    against PyTorch on real domain images and write ``runs/<job>/export/report.json``.
+
+    Returns the report. Raises :class:`ExportGateError` when a format in ``export.required`` misses its
+    ``export.min_agreement``; the report and files are still written for inspection, but the stage is not
+    stamped done. An unchanged rerun returns the existing report without doing anything.
+    """
+    import torch
+
+    cfg = job.export
+    paths = RunPaths(job.run_path)
+    out_dir = paths.export
+    formats = list(dict.fromkeys(["fp32", *cfg.formats]))  # fp32 is the source of the others
+    files = {f: out_dir / FORMAT_FILES[f] for f in formats}
+
+    if cfg.parity_images < 1:
+        raise ValueError(f"export.parity_images: must be >= 1, got {cfg.parity_images}; parity is what makes the "
+                         "export trustworthy (64 is a good default).")
+    rows, source = _domain_images(job, paths)
+    if not rows:
+        raise FileNotFoundError(f"{STAGE}: no real domain images for the parity check: {paths.pseudo_labels} is "
+                                f"missing and data.unlabeled {job.data.unlabeled!r} holds no images "
+                                f"({', '.join(job.data.extensions)}). Parity is measured on real images; add some.")
+    parity_paths = balanced_sample(rows, cfg.parity_images, seed=job.seed)
+    calib_paths: list[str] = []
+    if "int8" in formats:
+        calib_paths = balanced_sample(rows, cfg.calibration_images, seed=job.seed + 1, exclude=set(parity_paths))
+        calib_paths = calib_paths or balanced_sample(rows, cfg.calibration_images, seed=job.seed + 1)
+
+    inputs = [paths.student_weights, paths.student_config]
+    for p in inputs:
+        if not p.is_file():
+            raise FileNotFoundError(f"{STAGE}: student file {str(p)!r} is missing; train the student first "
+                                    "(`distillery train --job JOB.yaml`).")
+    image_hashes = [sha256_file(p) for p in parity_paths + calib_paths]
+    key = stage_key({"export": cfg, "classes": job.class_names, "version": EXPORT_VERSION}, inputs,
+                    extra={"parity": parity_paths, "calibration": calib_paths, "images": image_hashes})
+    if is_done(out_dir, STAGE, key, [files["fp32"], paths.export_report]) and all(
+            files[f].is_file() for f in read_json(stamp_path(out_dir, STAGE)).get("formats", formats)):
+        if progress:
+            log(f"{STAGE}: up to date ({paths.export_report}); nothing to do")
+        return read_json(paths.export_report)
+
+    model, config = _load_student(paths.student)
+    if list(config["class_names"]) != job.class_names:
+        raise ValueError(f"{STAGE}: the student in {paths.student} was trained for classes {config['class_names']} "
+                         f"but the job names {job.class_names}; retrain the student (`distillery train`).")
+    contract = contract_from_data_config(config["data_config"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for fmt, name in FORMAT_FILES.items():  # an app must not pick up a file from an older, different export
+        if fmt not in formats and (out_dir / name).exists():
+            (out_dir / name).unlink()
+            log(f"{STAGE}: removed {out_dir / name} ({fmt} is no longer in export.formats)")
+    save_resolved_job(job, out_dir)
+    if progress:
+        log(f"{STAGE}: {config['architecture']} -> {out_dir} (formats {', '.join(formats)}, "
+            f"{len(parity_paths)} parity images from {source})")
+    if len(parity_paths) < cfg.parity_images:
+        log(f"{STAGE}: only {len(parity_paths)} real images available for parity (export.parity_images="
+            f"{cfg.parity_images})")
+
+    torch.manual_seed(job.seed)
+    info = _export_fp32(model, config, cfg.opset, files["fp32"], progress)
+    batch = np.stack([preprocess(p, contract) for p in parity_paths])  # the runtime's preprocessing, (N,3,H,W)
+    reference = _torch_logits(model, batch)
+    build_errors: dict[str, str] = {}
+    for fmt in formats[1:]:
+        try:
+            if fmt == "fp16":
+                _export_fp16(files["fp32"], config, files["fp16"])
+            elif fmt == "int8":
+                calib = np.stack([preprocess(p, contract) for p in calib_paths])
+                _export_int8(files["fp32"], config, calib, files["int8"])
+        except Exception as e:
+            if fmt in cfg.required:
+                raise RuntimeError(f"{STAGE}: building the required {fmt} model failed: {e}. Drop {fmt} from "
+                                   "export.required (and export.formats) to export without it.") from e
+            files[fmt].unlink(missing_ok=True)  # never leave an older file that looks current
+            build_errors[fmt] = f"{type(e).__name__}: {e}"
+            log(f"{STAGE}: building the optional {fmt} model failed ({build_errors[fmt]}); continuing without it")
+
+    report: dict[str, Any] = {
+        "job": job.name,
+        "provenance": config.get("job_hash", ""),
+        "architecture": config["architecture"],
+        **info,
+        "preprocess": contract,
+        "parity_source": source,
+        "parity_images": parity_paths,
+        "calibration_images": len(calib_paths),
+        "formats": {},
+    }
+    failed = []
+    for fmt in formats:
+        threshold = float(cfg.min_agreement.get(fmt, DEFAULT_MIN_AGREEMENT[fmt]))
+        if fmt in build_errors:
+            report["formats"][fmt] = {"built": False, "error": build_errors[fmt], "path": None,
+                                      "min_agreement": threshold, "required": False, "passed": False}
+            continue
+        res = {"built": True, **parity(files[fmt], reference, batch)}
+        res.update(path=str(files[fmt]), file_size=files[fmt].stat().st_size, min_agreement=threshold,
+                   required=fmt in cfg.required, passed=res["agreement"] >= threshold)
+        report["formats"][fmt] = res
+        line = (f"top-1 agreement {res['agreement']:.4f} (gate {threshold}), max |Δlogit| "
+                f"{res['max_abs_diff']:.2e}, mean {res['mean_abs_diff']:.2e} on {res['n_images']} images")
+        if progress or not res["passed"]:
+            log(f"{STAGE}: {fmt}: {line}{'' if res['passed'] else ' -- FAILED'}")
+        if not res["passed"] and fmt in cfg.required:
+            failed.append((fmt, line))
+    report["tensorrt"] = _tensorrt_status()
+    log(f"{STAGE}: TensorRT engine not built ({report['tensorrt']['reason']}); TensorRT support comes in a later issue")
+    write_json(paths.export_report, report)
+
+    if failed:
+        fmt, line = failed[0]
+        raise ExportGateError(
+            f"{STAGE}: required format {fmt!r} failed its parity gate: {line}. Try: {HINTS[fmt]}. "
+            f"Details in {paths.export_report}."
+            + (f" Also failed: {', '.join(f for f, _ in failed[1:])}." if len(failed) > 1 else ""))
+    mark_done(out_dir, STAGE, key, {"formats": [f for f in formats if f not in build_errors]})
+    return report
+
+
+def _tensorrt_status() -> dict:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return {"built": False, "reason": "tensorrt is not installed"}
+    return {"built": False, "reason": "TensorRT engine building is not implemented yet"}

@@ -1,0 +1,165 @@
+"""Load a distillery ONNX model and classify images: numpy, Pillow and onnxruntime only.
+
+```python
+from distillery.runtime import Classifier
+clf = Classifier.load("runs/eurosat/export/model.onnx")
+clf.predict(["field.jpg", pil_image, hwc_uint8_array], topk=3)
+# [Prediction(label='annual crop land', index=0, probability=0.91, topk=[('annual crop land', 0.91), ...]), ...]
+```
+
+The model file carries its own preprocessing contract and class names in the ``distillery``
+metadata entry (a JSON string, SPEC §8), so nothing else has to travel with it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from .preprocess import ImageInput, check_contract, preprocess
+
+__all__ = ["METADATA_KEY", "Prediction", "Classifier", "read_metadata"]
+
+METADATA_KEY = "distillery"  # metadata_props key holding the JSON contract
+
+
+@dataclass
+class Prediction:
+    label: str  # top-1 class name
+    index: int  # top-1 class index
+    probability: float  # softmax probability of the top-1 class
+    topk: list[tuple[str, float]] = field(default_factory=list)  # best k (label, probability), best first
+
+
+def read_metadata(session: ort.InferenceSession, path: str = "model") -> dict[str, Any]:
+    """The parsed ``distillery`` metadata of a session's model; ValueError when absent or malformed."""
+    props = session.get_modelmeta().custom_metadata_map
+    if METADATA_KEY not in props:
+        raise ValueError(f"{path}: the ONNX model has no {METADATA_KEY!r} metadata entry (class names and "
+                         "preprocessing contract), so it was not written by `distillery export`. Export the "
+                         "student with `distillery export --job JOB.yaml` and load runs/<job>/export/model.onnx.")
+    try:
+        meta = json.loads(props[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: the {METADATA_KEY!r} metadata entry is not valid JSON ({e}); re-export the "
+                         "model with `distillery export`.") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: the {METADATA_KEY!r} metadata is {type(meta).__name__}, expected a JSON object.")
+    names = meta.get("class_names")
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise ValueError(f"{path}: metadata class_names {names!r} must be a non-empty list of strings.")
+    try:
+        check_contract(meta.get("preprocess"))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    return meta
+
+
+def _default_providers() -> list[str]:
+    # TensorRT's provider compiles engines at session start and needs its own libraries; opt in explicitly.
+    available = ort.get_available_providers()
+    preferred = [p for p in ("CUDAExecutionProvider", "CoreMLExecutionProvider", "CPUExecutionProvider")
+                 if p in available]
+    return preferred or available
+
+
+class Classifier:
+    """An ONNX image classifier with its preprocessing and class names read from the model file."""
+
+    def __init__(self, session: ort.InferenceSession, metadata: dict[str, Any], path: str = "model"):
+        self.session = session
+        self.metadata = metadata
+        self.path = path
+        self.class_names: list[str] = list(metadata["class_names"])
+        self.contract: dict[str, Any] = metadata["preprocess"]
+        self.format: str = str(metadata.get("format", "fp32"))
+        self.providers_in_use: list[str] = session.get_providers()
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        if len(inputs) != 1:
+            raise ValueError(f"{path}: expected one image input, the model has {[i.name for i in inputs]}.")
+        self.input_name = inputs[0].name
+        self.output_name = outputs[0].name
+        self._input_dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
+        n_out = outputs[0].shape[-1] if outputs[0].shape else None
+        if isinstance(n_out, int) and n_out != len(self.class_names):
+            raise ValueError(f"{path}: the model outputs {n_out} logits but its metadata names "
+                             f"{len(self.class_names)} classes; the file is inconsistent, re-export it.")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, providers: Sequence[Any] | None = None,
+             session_options: ort.SessionOptions | None = None) -> "Classifier":
+        """Open ``path`` with onnxruntime. ``providers``: onnxruntime execution providers in order of
+        preference; default CUDA (when onnxruntime-gpu is installed) then CPU."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"model {path!r} does not exist; pass the .onnx file written by "
+                                    "`distillery export` (runs/<job>/export/model.onnx).")
+        try:
+            session = ort.InferenceSession(path, sess_options=session_options,
+                                           providers=list(providers) if providers else _default_providers())
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
+            raise ValueError(f"model {path!r} could not be opened by onnxruntime: {e}") from e
+        return cls(session, read_metadata(session, path), path)
+
+    @property
+    def input_size(self) -> list[int]:
+        return list(self.contract["input_size"])  # [3, H, W]
+
+    def preprocess(self, image: ImageInput) -> np.ndarray:
+        """One image -> (3, H, W) float32, following this model's contract."""
+        return preprocess(image, self.contract)
+
+    def predict_logits(self, batch: np.ndarray) -> np.ndarray:
+        """Run the network on an already preprocessed ``(B, 3, H, W)`` batch; returns ``(B, K)`` float32 logits."""
+        batch = np.asarray(batch)
+        _, h, w = self.contract["input_size"]
+        if batch.ndim != 4 or batch.shape[1:] != (3, h, w):
+            raise ValueError(f"batch: shape {batch.shape} does not match the model input (B, 3, {h}, {w}); "
+                             "use predict() for raw images or preprocess() them first.")
+        out = self.session.run([self.output_name], {self.input_name: batch.astype(self._input_dtype, copy=False)})
+        logits = np.asarray(out[0], dtype=np.float32)
+        if logits.ndim != 2 or logits.shape[1] != len(self.class_names):
+            raise ValueError(f"{self.path}: the model returned logits of shape {logits.shape} but its metadata "
+                             f"names {len(self.class_names)} classes; the file is inconsistent, re-export it.")
+        return logits
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], topk: int = 1,
+                batch_size: int = 32) -> list[Prediction]:
+        """Classify one image or a list of images (paths, PIL images, HWC uint8 RGB arrays).
+
+        Returns one :class:`Prediction` per image, in order, always as a list.
+        """
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            items = list(images)  # (N, H, W, C) stack of frames
+        elif isinstance(images, (list, tuple)):
+            items = list(images)
+        else:
+            items = [images]
+        if not isinstance(topk, int) or topk < 1:
+            raise ValueError(f"topk: expected a positive integer, got {topk!r}.")
+        k = min(topk, len(self.class_names))
+        preds: list[Prediction] = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            logits = self.predict_logits(np.stack([self.preprocess(im) for im in chunk]))
+            probs = _softmax(logits)
+            for p in probs:
+                order = np.argsort(-p, kind="stable")[:k]
+                top = [(self.class_names[i], float(p[i])) for i in order]
+                preds.append(Prediction(label=top[0][0], index=int(order[0]), probability=top[0][1], topk=top))
+        return preds
+
+    def __repr__(self) -> str:
+        return (f"Classifier({self.path!r}, classes={len(self.class_names)}, input={self.input_size}, "
+                f"format={self.format!r}, providers={self.providers_in_use})")
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)

@@ -1,0 +1,85 @@
+"""``distillery run MODEL IMAGE... [--json] [--topk K]``: classify images with an exported model.
+
+Prints one line per image, ``path<TAB>label<TAB>probability`` (with ``--topk K`` the next best
+``label<TAB>probability`` pairs follow on the same line), or with ``--json`` one JSON object per
+line. Exit status 0 on success, 2 for a missing/corrupt image, a bad model or bad arguments.
+Needs only numpy, Pillow and onnxruntime.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+__all__ = ["add_arguments", "run", "main"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``run`` arguments to ``p`` (so the top-level CLI can mount it as a subcommand)."""
+    p.add_argument("model", metavar="MODEL",
+                   help="ONNX file written by `distillery export` (runs/<job>/export/model.onnx)")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files to classify")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image instead of tab-separated text")
+    p.add_argument("--topk", type=int, default=1, metavar="K", help="also print the next best K-1 classes (default 1)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per inference batch (default 32)")
+    p.add_argument("--providers", default=None, metavar="P1,P2",
+                   help="onnxruntime execution providers in order, e.g. CPUExecutionProvider "
+                        "(default: CUDA if available, then CPU)")
+    return p
+
+
+def _error(msg: str) -> int:
+    print(f"distillery run: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the ``run`` subcommand from parsed arguments; returns the exit status."""
+    from .classifier import Classifier
+    from .preprocess import load_image
+
+    if args.topk < 1:
+        return _error(f"--topk {args.topk}: must be >= 1.")
+    if args.batch_size < 1:
+        return _error(f"--batch-size {args.batch_size}: must be >= 1.")
+    missing = [p for p in args.images if not os.path.isfile(p)]
+    if missing:  # fail before loading anything
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        return _error(f"image {missing[0]!r} does not exist{more}; check the path.")
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+    try:
+        clf = Classifier.load(args.model, providers=providers)
+    except (OSError, ValueError) as e:
+        return _error(str(e))
+    for start in range(0, len(args.images), args.batch_size):
+        paths = args.images[start:start + args.batch_size]
+        try:
+            images = [load_image(p) for p in paths]
+        except (OSError, ValueError) as e:
+            return _error(str(e))
+        for path, pred in zip(paths, clf.predict(images, topk=args.topk, batch_size=args.batch_size)):
+            if args.json:
+                print(json.dumps({"path": path, "label": pred.label, "index": pred.index,
+                                  "probability": pred.probability,
+                                  "topk": [{"label": lab, "probability": p} for lab, p in pred.topk]}))
+            else:
+                print("\t".join([path] + [f"{lab}\t{p:.4f}" for lab, p in pred.topk]))
+        sys.stdout.flush()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: ``main(["model.onnx", "a.jpg", "--topk", "3"])`` -> exit status."""
+    parser = add_arguments(argparse.ArgumentParser(
+        prog="distillery run", description="Classify images with a model exported by `distillery export`."))
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as e:  # argparse exits 2 on bad arguments, 0 on --help
+        return int(e.code or 0)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Export: a tiny random timm student -> ONNX with metadata, parity against PyTorch, gate, stamp."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from distillery.export import ExportGateError, export_onnx  # noqa: E402
+from distillery.export.onnx import _load_student, balanced_sample  # noqa: E402
+from distillery.job import job_from_dict, settings_hash  # noqa: E402
+from distillery.rundir import RunPaths, sha256_file, write_json, write_table  # noqa: E402
+from distillery.runtime import Classifier  # noqa: E402
+from distillery.runtime.preprocess import preprocess  # noqa: E402
+
+CLASSES = ["a", "b", "c"]
+ARCH = "mobilenetv3_small_050"
+SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "data" / "eurosat-sample" / "unlabeled"
+DATA_CONFIG = {"input_size": [3, 32, 32], "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406],
+               "std": [0.229, 0.224, 0.225], "crop_pct": 0.875, "crop_mode": "center"}
+
+
+def write_student(folder):
+    """The student checkpoint contract: model.safetensors (timm state_dict) + config.json."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model(ARCH, pretrained=False, num_classes=len(CLASSES))
+    with torch.no_grad():  # spread the random logits so top-1 is never a near-tie
+        model.get_classifier().weight.mul_(20)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    write_json(folder / "config.json", {
+        "architecture": ARCH, "num_classes": len(CLASSES), "class_names": CLASSES, "model_args": {},
+        "data_config": DATA_CONFIG, "job_hash": "abc123", "versions": {"timm": timm.__version__}})
+
+
+def write_images(folder, n=12):
+    """Real domain images: the committed EuroSAT sample when present, else generated ones."""
+    folder.mkdir(parents=True, exist_ok=True)
+    real = sorted(SAMPLE.glob("*.jpg"))[:n]
+    if len(real) == n:
+        for p in real:
+            shutil.copy(p, folder / p.name)
+        return sorted(folder.glob("*.jpg"))
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        h, w = int(rng.integers(30, 80)), int(rng.integers(30, 80))
+        arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        arr[..., i % 3] = 255 - arr[..., i % 3] // 4  # some image-to-image variety
+        p = folder / f"img{i:02d}.png"
+        Image.fromarray(arr).save(p)
+        paths.append(p)
+    return paths
+
+
+def make_export_job(tmp_path, name="t", pseudo_labels=True, **export):
+    img_dir = tmp_path / "images"
+    images = write_images(img_dir)
+    job = job_from_dict({"name": name, "classes": CLASSES, "data": {"unlabeled": str(img_dir)},
+                         "run_dir": str(tmp_path / "run"), "export": export}, base=tmp_path)
+    paths = RunPaths(job.run_path)
+    write_student(paths.student)
+    if pseudo_labels:
+        write_table(paths.pseudo_labels, [
+            {"path": str(p), "sha256": sha256_file(p), "label": i % 3, "confidence": 0.9,
+             **{f"p_clip_{c}": float(c == i % 3) for c in range(3)}} for i, p in enumerate(images)])
+    return job, paths, images
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("export")
+    job, paths, images = make_export_job(tmp_path, formats=["fp32", "fp16", "int8"], required=["fp32"], parity_images=9)
+    report = export_onnx(job, progress=False)
+    return job, paths, images, report
+
+
+def test_onnx_file_checker_and_metadata(exported):
+    job, paths, _, report = exported
+    assert paths.onnx.is_file() and (paths.export / "job.resolved.json").is_file()
+    model = onnx.load(str(paths.onnx))
+    onnx.checker.check_model(model, full_check=True)
+    assert len(list(paths.export.glob("*.data"))) == 0  # one self-contained file
+    assert model.opset_import[0].version == job.export.opset
+    props = {p.key: p.value for p in model.metadata_props}
+    meta = json.loads(props["distillery"])
+    assert meta["class_names"] == CLASSES
+    assert meta["provenance"] == "abc123" and meta["format"] == "fp32"
+    assert {"torch", "timm", "onnx"} <= set(meta["versions"])
+    assert meta["preprocess"] == {
+        "input_size": [3, 32, 32], "resize": math.floor(32 / 0.875), "crop": "center", "interpolation": "bicubic",
+        "mean": DATA_CONFIG["mean"], "std": DATA_CONFIG["std"], "channel_order": "RGB", "layout": "NCHW",
+        "scale": 255}
+    (inp,), (out,) = model.graph.input, model.graph.output
+    assert inp.name == "input" and out.name == "logits"
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert inp.type.tensor_type.shape.dim[0].dim_param  # symbolic batch axis
+
+
+def test_dynamic_batch_and_logits_match_torch(exported):
+    _, paths, images, _ = exported
+    model, config = _load_student(paths.student)
+    sess = ort.InferenceSession(str(paths.onnx), providers=["CPUExecutionProvider"])
+    contract = Classifier.load(paths.onnx).contract
+    x_all = np.stack([preprocess(p, contract) for p in images[:3]])
+    for batch in (x_all[:1], x_all):
+        got = sess.run(["logits"], {"input": batch})[0]
+        with torch.no_grad():
+            ref = model(torch.from_numpy(batch)).numpy()
+        assert got.shape == (len(batch), len(CLASSES))
+        diff = np.abs(got - ref)
+        assert diff.max() < 1e-4, f"batch {len(batch)}: max |Δlogit| {diff.max():.3g}, mean {diff.mean():.3g}"
+
+
+def test_report(exported):
+    job, paths, images, report = exported
+    on_disk = json.loads(paths.export_report.read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    fp32 = on_disk["formats"]["fp32"]
+    assert fp32["passed"] is True and fp32["agreement"] == 1.0 and fp32["n_images"] == 9
+    assert fp32["max_abs_diff"] < 1e-4, fp32
+    assert fp32["path"] == str(paths.onnx) and fp32["file_size"] == paths.onnx.stat().st_size
+    assert on_disk["tensorrt"]["built"] is False and on_disk["tensorrt"]["reason"]
+    assert on_disk["parity_source"] == "pseudo_labels"
+    label_of = {str(p): i % 3 for i, p in enumerate(images)}  # as written into pseudo_labels.parquet
+    labels = [label_of[p] for p in on_disk["parity_images"]]
+    assert sorted(np.bincount(labels).tolist()) == [3, 3, 3]  # class-balanced
+
+
+def test_fp16_and_int8(exported):
+    _, paths, images, report = exported
+    for fmt, name in (("fp16", "model.fp16.onnx"), ("int8", "model.int8.onnx")):
+        res = report["formats"][fmt]
+        assert res["path"] == str(paths.export / name) and res["n_images"] == 9
+        assert 0.0 <= res["agreement"] <= 1.0 and np.isfinite(res["max_abs_diff"]), res
+        clf = Classifier.load(res["path"], providers=["CPUExecutionProvider"])
+        assert clf.format == fmt and clf.class_names == CLASSES
+        assert clf.session.get_inputs()[0].type == "tensor(float)"  # inputs stay float32
+        assert len(clf.predict([str(p) for p in images[:2]])) == 2
+    # fp16 keeps logits close; a random net's int8 error is only required to be bounded
+    assert report["formats"]["fp16"]["max_abs_diff"] < 0.05, report["formats"]["fp16"]
+    assert report["calibration_images"] == 3  # the 12 images minus the 9 parity ones
+
+
+def test_unchanged_rerun_is_skipped(exported, capsys):
+    job, paths, _, report = exported
+    mtime = paths.onnx.stat().st_mtime_ns
+    again = export_onnx(job, progress=True)
+    assert again == json.loads(json.dumps(report))
+    assert paths.onnx.stat().st_mtime_ns == mtime
+    assert "up to date" in capsys.readouterr().err
+
+
+def test_failed_required_gate_raises(tmp_path):
+    job, paths, _ = make_export_job(tmp_path, pseudo_labels=False, min_agreement={"fp32": 1.01}, parity_images=4)
+    with pytest.raises(ExportGateError, match=r"'fp32'.*agreement 1\.0000.*1\.01.*Try:") as e:
+        export_onnx(job, progress=False)
+    print(e.value)
+    report = json.loads(paths.export_report.read_text())
+    assert report["formats"]["fp32"]["passed"] is False and report["parity_source"] == "unlabeled"
+    with pytest.raises(ExportGateError):  # not stamped: the rerun checks again
+        export_onnx(job, progress=False)
+
+
+def test_balanced_sample_by_hand():
+    rows = [{"path": f"a{i}", "label": 0} for i in range(5)] + [{"path": "b0", "label": 1}] + \
+           [{"path": f"c{i}", "label": 2} for i in range(3)]
+    got = balanced_sample(rows, 6, seed=0)
+    counts = {k: sum(p[0] == k for p in got) for k in "abc"}
+    assert counts == {"a": 3, "b": 1, "c": 2} and len(set(got)) == 6
+    assert got == balanced_sample(rows, 6, seed=0)  # deterministic
+    rest = balanced_sample(rows, 100, seed=1, exclude=set(got))
+    assert sorted(rest) == sorted({r["path"] for r in rows} - set(got))
+
+
+def test_student_class_mismatch_is_refused(tmp_path):
+    job, paths, _ = make_export_job(tmp_path)
+    cfg = json.loads(paths.student_config.read_text())
+    write_json(paths.student_config, {**cfg, "class_names": ["x", "y", "z"]})
+    with pytest.raises(ValueError, match="retrain"):
+        export_onnx(job, progress=False)
+    assert settings_hash(job.export)  # job untouched
+
+
+def test_optional_format_failure_is_reported_not_fatal(tmp_path, monkeypatch, capsys):
+    import distillery.export.onnx as ex
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated converter bug")
+
+    monkeypatch.setattr(ex, "_export_fp16", broken)
+    job, paths, _ = make_export_job(tmp_path, formats=["fp32", "fp16"], required=["fp32"], parity_images=3)
+    report = export_onnx(job, progress=False)
+    assert report["formats"]["fp32"]["passed"] is True
+    assert report["formats"]["fp16"] == {**report["formats"]["fp16"], "built": False, "passed": False}
+    assert "simulated converter bug" in report["formats"]["fp16"]["error"]
+    assert not (paths.export / "model.fp16.onnx").exists()
+    capsys.readouterr()
+    export_onnx(job, progress=True)
+    assert "up to date" in capsys.readouterr().err
