@@ -1,0 +1,145 @@
+"""End to end through the CLI: teacher -> student -> export -> run, caching, and a kill mid-stage."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from distillery.cli import main
+from distillery.rundir import RunPaths, read_json, read_table
+from tests.conftest import EUROSAT_CLASSES, SAMPLE
+
+DISTILLERY = [sys.executable, "-m", "distillery.cli"]
+
+
+def write_job(tmp_path: Path, tiny_models, unlabeled: Path, **teacher_synth) -> Path:
+    raw = {
+        "name": "e2e",
+        "domain": "satellite photo",
+        "classes": [{"name": n, "folder": f} for n, f in EUROSAT_CLASSES],
+        "data": {"unlabeled": str(unlabeled), "eval": str(SAMPLE / "eval")},
+        "run_dir": str(tmp_path / "run"),
+        "models": {k: str(v) for k, v in tiny_models.items()},
+        "teacher": {"synth": {"images_per_class": 1, "steps": 2, "resolution": 64, "output_size": 64,
+                              "batch_size": 10, **teacher_synth}},
+        "student": {"model": "mobilenetv3_small_050", "input_size": 64, "epochs": 1, "batch_size": 16},
+        "export": {"parity_images": 20},
+    }
+    p = tmp_path / "job.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def snapshot(root: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_end_to_end_cli(tmp_path, tiny_models, small_unlabeled, capsys):
+    job = write_job(tmp_path, tiny_models, small_unlabeled)
+    for stage in ("teacher", "student", "export"):
+        assert main([stage, "--job", str(job), "--no-progress"]) == 0, stage
+    paths = RunPaths(tmp_path / "run")
+    # the run-folder contract
+    for f in (paths.synthetic, paths.pseudo_labels, paths.manifest, paths.student_weights, paths.student_config,
+              paths.student_metrics, paths.onnx, paths.export_report):
+        assert f.is_file(), f
+    syn = read_table(paths.synthetic)
+    assert len(syn) == 10 and {"path", "class_index", "class_name", "trick", "prompt", "guidance", "steps", "seed",
+                                "sha256"} <= set(syn[0])
+    assert len(list(paths.synthetic_dir.rglob("*.png"))) == 10
+    man = read_table(paths.manifest)
+    assert {"path", "source", "label", "soft_target", "weight"} <= set(man[0]) and len(man) == 30
+    for folder in (paths.teacher, paths.student, paths.export):
+        assert (folder / "job.resolved.json").is_file()
+    report = read_json(paths.export_report)
+    assert report["formats"]["fp32"]["passed"] is True
+    metrics = read_json(paths.student_metrics)
+    assert metrics["eval"]["images"] == 100
+
+    # the runtime's top-1 matches the PyTorch student on the sample images
+    import torch
+    from PIL import Image
+    from timm.data import create_transform
+
+    from distillery.runtime import Classifier
+    from distillery.student import load_student
+
+    model, cfg = load_student(paths.student)
+    tf = create_transform(**cfg["data_config"])
+    images = sorted((SAMPLE / "eval").rglob("*.jpg"))
+    with torch.no_grad():
+        ref = model(torch.stack([tf(Image.open(p).convert("RGB")) for p in images])).argmax(1).numpy()
+    clf = Classifier.load(paths.onnx)
+    got = np.array([p.index for p in clf.predict([str(p) for p in images])])
+    assert (got == ref).mean() == 1.0, f"top-1 agreement {(got == ref).mean():.3f} on {len(images)} images"
+
+    # `distillery run` prints a class and a probability
+    capsys.readouterr()
+    assert main(["run", str(paths.onnx), str(images[0])]) == 0
+    line = capsys.readouterr().out.strip().split("\t")
+    assert line[0] == str(images[0]) and line[1] in [n for n, _ in EUROSAT_CLASSES] and 0 < float(line[2]) <= 1
+
+    # running every stage again changes nothing
+    before = snapshot(paths.root)
+    for stage in ("teacher", "student", "export"):
+        assert main([stage, "--job", str(job), "--no-progress"]) == 0
+    assert snapshot(paths.root) == before
+
+    # a changed setting reruns that stage
+    assert main(["student", "--job", str(job), "--no-progress", "student.epochs=2"]) == 0
+    assert read_json(paths.student_metrics)["epochs"] == 2
+
+
+def test_bad_job_exits_2_with_message(tmp_path, capsys):
+    p = tmp_path / "job.yaml"
+    p.write_text(yaml.safe_dump({"name": "x", "classes": ["a", "b"], "data": {"unlabeled": "missing"}}))
+    assert main(["teacher", "--job", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "data.unlabeled" in err and "missing" in err
+
+
+def test_kill_mid_synthesis_then_rerun_completes(tmp_path, tiny_models, small_unlabeled):
+    job = write_job(tmp_path, tiny_models, small_unlabeled, images_per_class=6, batch_size=2, steps=4)
+    paths = RunPaths(tmp_path / "run")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(DISTILLERY + ["teacher", "--job", str(job), "--no-progress"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(paths.synthetic_dir.rglob("*.png"))) < 6:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = len(list(paths.synthetic_dir.rglob("*.png")))
+    assert 6 <= n_before < 60, f"killed too late or too early: {n_before} images"
+    assert not paths.synthetic.exists()
+    done = subprocess.run(DISTILLERY + ["teacher", "--job", str(job), "--no-progress"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{n_before} already on disk" in done.stderr or f"{n_before - 1} already on disk" in done.stderr
+    rows = read_table(paths.synthetic)
+    files = sorted(paths.synthetic_dir.rglob("*.png"))
+    assert len(rows) == 60 and len(files) == 60 and not list(paths.teacher.rglob("*.tmp*"))
+    assert {r["path"] for r in rows} == {str(f.resolve()) for f in files}
+    assert paths.manifest.is_file()
+
+
+def test_unreachable_hub_fails_within_seconds(tmp_path, small_unlabeled):
+    p = tmp_path / "job.yaml"
+    p.write_text(yaml.safe_dump({"name": "x", "classes": ["a", "b"], "data": {"unlabeled": str(small_unlabeled)},
+                                 "run_dir": str(tmp_path / "run"),
+                                 "models": {"diffusion": "no-such-org/no-such-model", "clip": "no-such-org/clip"}}))
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    t0 = time.perf_counter()
+    r = subprocess.run(DISTILLERY + ["teacher", "--job", str(p)], env=env, capture_output=True, text=True,
+                       timeout=120)
+    elapsed = time.perf_counter() - t0
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "models.diffusion" in r.stderr and "no-such-org/no-such-model" in r.stderr
+    assert elapsed < 30, f"took {elapsed:.1f}s"
