@@ -44,9 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "student is exported to ONNX for a torch-free runtime.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _stage_parser(sub, "teacher", "generate synthetic images, pseudo-label the real ones, write the manifest",
-                  "Run the teacher stages: synthesis (diffusion model), zero-shot CLIP pseudo-labels, and the "
-                  "ensemble that writes teacher/manifest.parquet.")
+    tp = _stage_parser(sub, "teacher", "generate synthetic images, pseudo-label the real ones, write the manifest",
+                       "Run the teacher stages: synthesis (diffusion model), zero-shot CLIP pseudo-labels, and the "
+                       "ensemble that writes teacher/manifest.parquet.")
+    tp.add_argument("--dry-run", action="store_true",
+                    help="print per stage the images, UNet evaluations and an estimated time (from a short timed "
+                         "calibration run) without writing the run folder")
     _stage_parser(sub, "student", "train the timm student on the manifest",
                   "Train the student (a timm model) on teacher/manifest.parquet; evaluates on data.eval when set.")
     _stage_parser(sub, "export", "export the student to ONNX and check parity",
@@ -107,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
 
         prepare_hub_access(_refs_for(job, args.command))
         progress = not args.no_progress
-        if args.command == "teacher":
+        if args.command == "teacher" and args.dry_run:
+            from distillery.teacher import dry_run
+
+            dry_run(job)
+        elif args.command == "teacher":
             from distillery.teacher import run_teacher
 
             run_teacher(job, progress=progress)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 __all__ = [
-    "ClassSpec", "DataCfg", "ModelsCfg", "SynthCfg", "ClipCfg", "EnsembleCfg", "TeacherCfg",
+    "ClassSpec", "DataCfg", "ModelsCfg", "LoraCfg", "SynthCfg", "ClipCfg", "EnsembleCfg", "TeacherCfg",
     "StudentCfg", "ExportCfg", "Job", "JobError", "load_job", "apply_overrides", "settings_hash",
 ]
 
@@ -49,6 +49,25 @@ class ModelsCfg:
 
 
 @dataclass
+class LoraCfg:
+    # Domain LoRA (SPEC §2, AiR): low-rank adapters on the UNet attention projections, trained on the unlabeled images.
+    enabled: bool = True  # train it (before synthesis) and generate with it; false = plain diffusion model
+    rank: int = 8  # LoRA rank r
+    alpha: float = 8.0  # LoRA alpha (update scaled by alpha / r)
+    steps: int = 1000  # optimizer steps (SPEC: 1-2k)
+    lr: float = 1e-4  # AdamW learning rate (constant)
+    resolution: int | None = None  # training size in pixels; null = teacher.synth.resolution
+    batch_size: int = 4  # images per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    caption: str = "a {domain}"  # text condition of every training image; {domain} = the job's domain phrase
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    mixed_precision: str = "no"  # "no", "fp16" or "bf16" autocast; CUDA only (ignored on CPU)
+    gradient_checkpointing: bool = False  # trade compute for memory; CUDA only (ignored on CPU)
+    seed: int | None = None  # adapter init, batches, noise and timesteps; null = the job seed
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
+
+
+@dataclass
 class SynthCfg:
     enabled: bool = True  # generate synthetic images at all
     tricks: list[str] = field(default_factory=lambda: ["base"])  # SPEC §1 trick names
@@ -62,6 +81,7 @@ class SynthCfg:
     batch_size: int = 8  # images per denoising batch
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
     half: bool = True  # fp16 on CUDA (ignored on CPU)
+    grid_samples: int = 4  # samples per class in the picture of each trick (teacher/grids/<trick>.png); 0 = none
 
 
 @dataclass
@@ -82,6 +102,7 @@ class EnsembleCfg:
 
 @dataclass
 class TeacherCfg:
+    lora: LoraCfg = field(default_factory=LoraCfg)
     synth: SynthCfg = field(default_factory=SynthCfg)
     clip: ClipCfg = field(default_factory=ClipCfg)
     ensemble: EnsembleCfg = field(default_factory=EnsembleCfg)
@@ -282,6 +303,7 @@ def resolve_model_ref(value: str, base: Path) -> str:
 
 TRICKS = ("base", "class_prompt", "multi_domain", "random_guidance", "all")
 EXPORT_FORMATS = ("fp32", "fp16", "int8")
+LORA_PRECISIONS = ("no", "fp16", "bf16")
 
 
 def validate(job: Job) -> Job:
@@ -316,6 +338,28 @@ def validate(job: Job) -> Job:
         raise JobError(f"teacher.synth.resolution: {s.resolution} is not a multiple of 8 (the VAE downsamples by 8).")
     if s.output_size is not None and s.output_size < 8:
         raise JobError(f"teacher.synth.output_size: {s.output_size} is too small; use >= 8 or null.")
+    if s.grid_samples < 0:
+        raise JobError(f"teacher.synth.grid_samples: must be >= 0, got {s.grid_samples}.")
+    lo = job.teacher.lora
+    for k in ("rank", "steps", "batch_size", "grad_accum"):
+        if getattr(lo, k) < 1:
+            raise JobError(f"teacher.lora.{k}: must be >= 1, got {getattr(lo, k)}.")
+    for k in ("alpha", "lr"):
+        if getattr(lo, k) <= 0:
+            raise JobError(f"teacher.lora.{k}: must be > 0, got {getattr(lo, k)}.")
+    if lo.max_grad_norm < 0:
+        raise JobError(f"teacher.lora.max_grad_norm: must be >= 0 (0 = no clipping), got {lo.max_grad_norm}.")
+    if lo.resolution is not None and (lo.resolution < 8 or lo.resolution % 8):
+        raise JobError(f"teacher.lora.resolution: {lo.resolution} is not a multiple of 8 >= 8 (the VAE downsamples "
+                       "by 8); or use null for teacher.synth.resolution.")
+    if lo.mixed_precision not in LORA_PRECISIONS:
+        raise JobError(f"teacher.lora.mixed_precision: unknown value {lo.mixed_precision!r}; choose from "
+                       f"{', '.join(LORA_PRECISIONS)}.")
+    try:
+        lo.caption.format(domain=job.domain)
+    except (KeyError, IndexError, ValueError) as e:
+        raise JobError(f"teacher.lora.caption: {lo.caption!r} is not a usable template ({type(e).__name__}: {e}); "
+                       "the only placeholder is {domain}, e.g. 'a {domain}'.") from e
     for name, w in job.teacher.ensemble.weights.items():
         if w < 0:
             raise JobError(f"teacher.ensemble.weights.{name}: negative weight {w}; weights must be >= 0.")

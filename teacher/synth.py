@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distillery.job import settings_hash
 from distillery.rundir import (RunPaths, atomic_path, is_done, log, mark_done, read_table, save_resolved_job,
                                sha256_file, stage_key, write_table)
 
@@ -176,43 +177,73 @@ def _progress_log(paths: RunPaths) -> Path:
     return paths.teacher / ".synthetic.progress.jsonl"
 
 
-def _recorded_hashes(paths: RunPaths) -> dict[str, str]:
-    """relpath -> sha256 for every image a previous (possibly interrupted) run finished."""
-    done: dict[str, str] = {}
+def _recorded(paths: RunPaths) -> dict[str, tuple[str, str | None]]:
+    """relpath -> (sha256, recipe) for every image a previous (possibly interrupted) run finished."""
+    done: dict[str, tuple[str, str | None]] = {}
     if paths.synthetic.is_file():
         for r in read_table(paths.synthetic):
-            done[r["relpath"]] = r["sha256"]
+            done[r["relpath"]] = (r["sha256"], r.get("recipe"))
     logf = _progress_log(paths)
     if logf.is_file():
         for line in logf.read_text().splitlines():
             try:
                 r = json.loads(line)
-                done[r["relpath"]] = r["sha256"]
+                done[r["relpath"]] = (r["sha256"], r.get("recipe"))
             except (ValueError, KeyError):
                 continue  # a line cut short by a crash
     return done
 
 
-def synth_settings(job) -> dict:
+def image_recipe(p: PlannedImage, job, lora_sha: str | None) -> str:
+    """Hash of everything that determines an image's pixels; an image made from another recipe is regenerated
+    (e.g. after new LoRA weights or a changed step count: the file names do not change with them)."""
+    s = job.teacher.synth
+    return settings_hash(p.prompt, p.negative_prompt, p.guidance, p.steps, p.seed, job.models.diffusion, lora_sha,
+                         s.resolution, s.output_size, s.antialias)
+
+
+def pending(job, planned: list[PlannedImage], lora_sha: str | None) -> list[PlannedImage]:
+    """The planned images not on disk as recorded: file missing, sha256 differs, or made from another recipe."""
+    paths = RunPaths(job.run_path)
+    recorded = _recorded(paths)
+    out = []
+    for p in planned:
+        f = paths.teacher / p.relpath
+        rec = recorded.get(p.relpath)
+        if not (rec and f.is_file() and rec[1] == image_recipe(p, job, lora_sha) and rec[0] == sha256_file(f)):
+            out.append(p)
+    return out
+
+
+def synth_settings(job, lora_sha: str | None = None) -> dict:
     return {"synth": asdict(job.teacher.synth), "classes": job.class_names, "domain": job.domain,
-            "seed": job.seed, "diffusion": job.models.diffusion}
+            "seed": job.seed, "diffusion": job.models.diffusion, "lora": lora_sha}
 
 
 def run_synth(job, progress: bool = True) -> dict:
-    """Generate (or complete) the synthetic set and write ``synthetic.parquet``."""
+    """Generate (or complete) the synthetic set and write ``synthetic.parquet`` and ``grids/<trick>.png``.
+
+    Uses the domain LoRA (``teacher/lora/``) when it is present and ``teacher.lora.enabled``.
+    """
     from tqdm import tqdm
+
+    from .lora import active_lora, load_lora
 
     paths = RunPaths(job.run_path)
     s = job.teacher.synth
-    key = stage_key(synth_settings(job))
+    lora_file = active_lora(job)
+    lora_sha = sha256_file(lora_file) if lora_file else None
+    key = stage_key(synth_settings(job, lora_sha))
     planned = plan(job)
-    recorded = _recorded_hashes(paths)
-    todo = [p for p in planned
-            if not ((paths.teacher / p.relpath).is_file() and recorded.get(p.relpath) == sha256_file(paths.teacher / p.relpath))]
+    todo = pending(job, planned, lora_sha)
     if not todo and is_done(paths.teacher, "synth", key, [paths.synthetic]):
         log(f"synth: up to date ({len(planned)} images in {paths.synthetic})")
+        if s.grid_samples and not all((paths.teacher / "grids" / f"{t}.png").is_file()
+                                      for t in expand_tricks(s.tricks, job.domain)):
+            write_grids(job, read_table(paths.synthetic))
         return {"images": len(planned), "generated": 0}
-    log(f"synth: {len(planned)} images planned, {len(planned) - len(todo)} already on disk, generating {len(todo)}")
+    log(f"synth: {len(planned)} images planned, {len(planned) - len(todo)} already on disk, generating {len(todo)}"
+        + (f" with the domain LoRA {lora_file}" if lora_file else ""))
     paths.teacher.mkdir(parents=True, exist_ok=True)
     save_resolved_job(job, paths.teacher)
     t0 = time.perf_counter()
@@ -221,6 +252,8 @@ def run_synth(job, progress: bool = True) -> dict:
 
         device = pick_device(s.device)
         pipe = load_diffusion(job.models.diffusion, device=device, half=s.half)
+        if lora_file:
+            load_lora(pipe, lora_file)
         bar = tqdm(total=len(todo), desc="synth", unit="img", disable=not progress)
         with open(_progress_log(paths), "a", encoding="utf-8") as logf:
             for b in range(0, len(todo), s.batch_size):
@@ -232,26 +265,104 @@ def run_synth(job, progress: bool = True) -> dict:
                     dest = paths.teacher / p.relpath
                     with atomic_path(dest) as tmp:
                         im.save(tmp, format="PNG")
-                    logf.write(json.dumps({"relpath": p.relpath, "sha256": sha256_file(dest)}) + "\n")
+                    logf.write(json.dumps({"relpath": p.relpath, "sha256": sha256_file(dest),
+                                           "recipe": image_recipe(p, job, lora_sha)}) + "\n")
                     logf.flush()
                 bar.update(len(batch))
         bar.close()
     elapsed = time.perf_counter() - t0
-    recorded = _recorded_hashes(paths)
+    recorded = _recorded(paths)
     rows = []
     for p in planned:
         d = asdict(p)
         d["path"] = str((paths.teacher / p.relpath).resolve())
-        d["sha256"] = recorded[p.relpath]
+        d["sha256"], d["recipe"] = recorded[p.relpath]
         d["model"] = job.models.diffusion
-        d["lora"] = None  # the domain LoRA comes with the synthesis issue
+        d["lora"] = lora_sha  # sha256 of teacher/lora/pytorch_lora_weights.safetensors, None without LoRA
         d["resolution"] = s.resolution
         d["output_size"] = s.output_size
+        d["antialias"] = s.antialias
         rows.append(d)
     write_table(paths.synthetic, rows)
     _progress_log(paths).unlink(missing_ok=True)
+    write_grids(job, rows)
     mark_done(paths.teacher, "synth", key, {"images": len(rows)})
     info = {"images": len(planned), "generated": len(todo), "seconds": round(elapsed, 2),
-            "images_per_s": round(len(todo) / elapsed, 3) if todo and elapsed > 0 else None}
+            "images_per_s": round(len(todo) / elapsed, 3) if todo and elapsed > 0 else None,
+            "unet_evals": len(todo) * s.steps * 2, "lora": lora_sha}
     log(f"synth: wrote {paths.synthetic} ({info})")
     return info
+
+
+def write_grids(job, rows: list[dict]) -> list[Path]:
+    """One picture per trick, ``teacher/grids/<trick>.png``: a row per class, up to ``grid_samples`` images."""
+    from .report import image_grid
+
+    s = job.teacher.synth
+    if not s.grid_samples:
+        return []
+    out = []
+    grids = RunPaths(job.run_path).teacher / "grids"
+    for trick in expand_tricks(s.tricks, job.domain):
+        cells = [[r["path"] for r in rows if r["trick"] == trick and r["class_name"] == c and r["index"] < s.grid_samples]
+                 for c in job.class_names]
+        img = image_grid(cells, job.class_names, title=trick)
+        dest = grids / f"{trick}.png"
+        with atomic_path(dest) as tmp:
+            img.save(tmp, format="PNG")
+        out.append(dest)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Cost before spending.
+
+
+def estimate(job, lora_pending: bool = False) -> dict:
+    """Images, UNet evaluations and an estimated time for the stage, from a short timed calibration.
+
+    The calibration generates one batch of the configured size at 1 and at 3 steps (after a 1-step
+    warm-up): the difference gives the time of a denoising step, the rest the fixed cost of a batch
+    (text encoding, VAE decode). ``lora_pending``: a LoRA will be (re)trained first, so every image
+    will be regenerated with it. Nothing is written.
+    """
+    import math
+
+    from distillery.models import load_diffusion, pick_device
+
+    from .lora import active_lora, add_lora, load_lora
+
+    s = job.teacher.synth
+    planned = plan(job)
+    lora_file = None if lora_pending else active_lora(job)
+    todo = planned if lora_pending else pending(job, planned, sha256_file(lora_file) if lora_file else None)
+    row = {"stage": "synth", "images": len(todo), "planned": len(planned), "unet_evals": len(todo) * s.steps * 2,
+           "evals_note": "fwd, x2 for guidance"}
+    if not todo:
+        return {**row, "estimate_s": 0.0, "note": "up to date"}
+    t0 = time.perf_counter()
+    pipe = load_diffusion(job.models.diffusion, device=pick_device(s.device), half=s.half)
+    if lora_file:
+        load_lora(pipe, lora_file)
+    elif lora_pending:  # a fresh adapter of the configured shape costs what the trained one will
+        add_lora(pipe.unet, job.teacher.lora.rank, job.teacher.lora.alpha)
+    load_s = time.perf_counter() - t0
+    batch = todo[: s.batch_size]
+    args = ([p.prompt for p in batch], [p.guidance for p in batch], [p.seed for p in batch])
+
+    def timed(steps: int) -> float:
+        t = time.perf_counter()
+        generate(pipe, *args, steps, [p.negative_prompt for p in batch], resolution=s.resolution)
+        return time.perf_counter() - t
+
+    timed(1)  # warm-up (allocator, kernels)
+    t1, t3 = timed(1), timed(3)
+    t_step = (t3 - t1) / 2
+    if t_step <= 0:  # timing noise on a busy machine: charge everything to the steps
+        t_step, t_fixed = t3 / 3, 0.0
+    else:
+        t_fixed = max(t1 - t_step, 0.0)
+    n_batches = math.ceil(len(todo) / s.batch_size)
+    est = load_s + n_batches * (t_fixed + s.steps * t_step)
+    return {**row, "estimate_s": est, "s_per_unet_eval": t_step / (2 * len(batch)), "load_s": load_s,
+            "batch_fixed_s": t_fixed, "calibration": f"1 batch of {len(batch)} at 1 and 3 steps"}

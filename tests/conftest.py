@@ -20,6 +20,18 @@ EUROSAT_CLASSES = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The tiny models gain nothing from a second thread, and on a busy 2-core machine spinning OpenMP
+    threads make them up to 10x slower; restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     from distillery.tiny import build_tiny_models
@@ -52,7 +64,8 @@ def make_job(tmp_path, tiny_models, small_unlabeled):
             "run_dir": str(tmp_path / "run"),
             "models": {k: str(v) for k, v in tiny_models.items()},
             "teacher": {"synth": {"images_per_class": 2, "steps": 3, "resolution": 64, "output_size": 32,
-                                  "batch_size": 4}},
+                                  "batch_size": 4},
+                        "lora": {"steps": 2, "batch_size": 2}},
             "student": {"model": "mobilenetv3_small_050", "input_size": 32, "epochs": 1, "batch_size": 8},
         }
         for k, v in (overrides or {}).items():

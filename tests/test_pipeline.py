@@ -28,7 +28,8 @@ def write_job(tmp_path: Path, tiny_models, unlabeled: Path, **teacher_synth) -> 
         "run_dir": str(tmp_path / "run"),
         "models": {k: str(v) for k, v in tiny_models.items()},
         "teacher": {"synth": {"images_per_class": 1, "steps": 2, "resolution": 64, "output_size": 64,
-                              "batch_size": 10, **teacher_synth}},
+                              "batch_size": 10, **teacher_synth},
+                    "lora": {"steps": 2, "batch_size": 2}},
         "student": {"model": "mobilenetv3_small_050", "input_size": 64, "epochs": 1, "batch_size": 16},
         "export": {"parity_images": 20},
     }
@@ -108,7 +109,7 @@ def test_bad_job_exits_2_with_message(tmp_path, capsys):
 def test_kill_mid_synthesis_then_rerun_completes(tmp_path, tiny_models, small_unlabeled):
     job = write_job(tmp_path, tiny_models, small_unlabeled, images_per_class=6, batch_size=2, steps=4)
     paths = RunPaths(tmp_path / "run")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(DISTILLERY + ["teacher", "--job", str(job), "--no-progress"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

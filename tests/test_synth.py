@@ -116,3 +116,16 @@ def test_synth_stage_resume_after_crash(make_job, monkeypatch):
                                      [r["seed"]], r["steps"], r["negative_prompt"], resolution=r["resolution"]),
                        r["output_size"], job.teacher.synth.antialias)[0]
     assert np.array_equal(np.asarray(img), np.asarray(Image.open(r["path"])))
+
+
+def test_changed_recipe_regenerates_images_under_the_same_names(make_job):
+    """File names do not change with the steps, guidance or LoRA: the row's recipe does, and a rerun with a new
+    recipe regenerates the images instead of keeping the old ones."""
+    job = make_job({"teacher.synth.images_per_class": 1, "teacher.synth.steps": 2, "teacher.synth.grid_samples": 0})
+    assert synth.run_synth(job, progress=False)["generated"] == 3
+    before = {r["relpath"]: (r["sha256"], r["recipe"]) for r in read_table(RunPaths(job.run_path).synthetic)}
+    job3 = make_job({"teacher.synth.images_per_class": 1, "teacher.synth.steps": 3, "teacher.synth.grid_samples": 0})
+    assert synth.run_synth(job3, progress=False)["generated"] == 3
+    after = {r["relpath"]: (r["sha256"], r["recipe"]) for r in read_table(RunPaths(job.run_path).synthetic)}
+    assert before.keys() == after.keys() and all(before[k][1] != after[k][1] for k in before)
+    assert not (RunPaths(job.run_path).teacher / "grids").exists()  # grid_samples=0: no pictures

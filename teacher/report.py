@@ -1,0 +1,74 @@
+"""The teacher's report: what was made, at a glance.
+
+``teacher/grids/<trick>.png`` shows each trick's images (a row per class, a few samples each) so a user
+can see whether the generator understood the domain; ``teacher/report.md`` links them with the domain
+LoRA's figures (trainable share, loss) and the synthesis counts.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from distillery.rundir import RunPaths, atomic_path, read_json, read_table
+
+
+def image_grid(cells: list[list[str | os.PathLike]], labels: list[str], title: str = "", min_cell: int = 64,
+               label_width: int = 160, pad: int = 2):
+    """A PIL image: one row per label, the row's images left to right (upscaled to ``min_cell`` px if smaller)."""
+    from PIL import Image, ImageDraw
+
+    paths = [p for row in cells for p in row]
+    size = min_cell
+    if paths:
+        with Image.open(paths[0]) as im:
+            size = max(min_cell, im.width)
+    cols = max([len(r) for r in cells] + [1])
+    head = 16 if title else 0
+    W = label_width + cols * (size + pad) + pad
+    H = head + len(cells) * (size + pad) + pad
+    grid = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(grid)
+    if title:
+        draw.text((pad, 2), title, fill="black")
+    for r, (row, label) in enumerate(zip(cells, labels)):
+        y = head + pad + r * (size + pad)
+        text = label if len(label) <= label_width // 6 else label[: label_width // 6 - 1] + "…"
+        draw.text((pad, y + size // 2 - 6), text, fill="black")
+        for c, p in enumerate(row):
+            with Image.open(p) as im:
+                im = im.convert("RGB").resize((size, size), Image.NEAREST)  # nearest: show the real pixels
+                grid.paste(im, (label_width + pad + c * (size + pad), y))
+    return grid
+
+
+def write_report(job) -> Path:
+    """``teacher/report.md``: grids per trick, the domain LoRA's figures, synthesis counts."""
+    paths = RunPaths(job.run_path)
+    lines = [f"# Teacher report: {job.name}", ""]
+    loss = paths.teacher / "lora" / "loss.json"
+    if job.teacher.lora.enabled and loss.is_file():
+        info = read_json(loss)
+        lines += ["## Domain LoRA", "",
+                  f"- caption {info['caption']!r}, {info['images']} unlabeled images, {info['steps']} steps at "
+                  f"{info['resolution']} px on {info['device']} ({info['train_seconds']} s)",
+                  f"- trainable {info['trainable_params']:,} of {info['unet_params']:,} UNet parameters "
+                  f"({info['trainable_share']:.4%})",
+                  f"- loss {info['loss_first_10pct']:.4f} (first 10% of steps) -> {info['loss_last_10pct']:.4f} "
+                  "(last 10%)", f"- weights sha256 `{info['sha256']}`", ""]
+    else:
+        lines += ["## Domain LoRA", "", "- not used (teacher.lora.enabled=false or not trained)", ""]
+    if paths.synthetic.is_file():
+        rows = read_table(paths.synthetic)
+        tricks = sorted({r["trick"] for r in rows})
+        lines += ["## Synthetic images", "",
+                  f"- {len(rows)} images, {len(job.classes)} classes, tricks {', '.join(tricks)}", ""]
+        for t in tricks:
+            g = paths.teacher / "grids" / f"{t}.png"
+            if g.is_file():
+                lines += [f"### {t}", "", f"![{t}](grids/{t}.png)", ""]
+    dest = paths.teacher / "report.md"
+    text = "\n".join(lines)
+    if not (dest.is_file() and dest.read_text(encoding="utf-8") == text):  # an unchanged rerun touches nothing
+        with atomic_path(dest) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    return dest
