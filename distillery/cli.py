@@ -55,12 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "export", "export the student to ONNX and check parity",
                   "Export the student to ONNX with its preprocessing and class names in the metadata, and check "
                   "parity against PyTorch on real domain images.")
-    r = sub.add_parser("run", help="classify images with an exported model (runtime only)",
-                       description="Classify images with an exported model. Needs only numpy, Pillow, onnxruntime.")
-    r.add_argument("model", help="path to model.onnx written by `distillery export`")
-    r.add_argument("images", nargs="+", help="image files")
-    r.add_argument("--topk", type=int, default=1, help="print the K best classes (default 1)")
-    r.add_argument("--json", action="store_true", help="print one JSON object per image")
+    from distillery.runtime.cli import add_arguments as add_run_arguments
+
+    add_run_arguments(sub.add_parser(
+        "run", help="classify images with an exported model (runtime only)",
+        description="Classify images with an exported model. Needs only numpy, Pillow and onnxruntime."))
     t = sub.add_parser("tiny-models", help="build the tiny random models the offline demo job uses",
                        description="Build tiny, seeded, random-initialised models for every role (diffusers, "
                                    "transformers, open_clip, timm classes) into a local folder, once.")
@@ -94,10 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if args.command == "run":
-        from distillery.runtime.cli import main as run_main
+        from distillery.runtime.cli import run as run_images
 
-        run_argv = [args.model, *args.images, "--topk", str(args.topk)] + (["--json"] if args.json else [])
-        return run_main(run_argv)
+        return run_images(args)
     try:
         if args.command == "tiny-models":
             from .tiny import build_tiny_models

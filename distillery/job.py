@@ -134,6 +134,9 @@ class ExportCfg:
     min_agreement: dict[str, float] = field(default_factory=lambda: {"fp32": 0.995, "fp16": 0.995, "int8": 0.98})
     parity_images: int = 64  # held-aside real domain images used for the parity check
     calibration_images: int = 128  # INT8 calibration images, class-balanced from the pseudo-labeled domain images
+    tensorrt: list[str] = field(default_factory=lambda: ["fp16", "int8"])  # engines to build where TensorRT + a GPU exist ([] = none); int8 only when int8 is exported
+    tensorrt_batch: list[int] = field(default_factory=lambda: [1, 8, 32])  # min / opt / max batch of the engine's profile
+    tensorrt_workspace_mb: int = 1024  # TensorRT builder workspace
 
 
 @dataclass
@@ -380,6 +383,12 @@ def validate(job: Job) -> Job:
     for f in job.export.formats + job.export.required:
         if f not in EXPORT_FORMATS:
             raise JobError(f"export.formats/required: unknown format {f!r}; choose from {', '.join(EXPORT_FORMATS)}.")
+    for f in job.export.tensorrt:
+        if f not in ("fp16", "int8"):
+            raise JobError(f"export.tensorrt: unknown engine precision {f!r}; choose from fp16, int8 (or [] for none).")
+    b = job.export.tensorrt_batch
+    if len(b) != 3 or not 1 <= b[0] <= b[1] <= b[2]:
+        raise JobError(f"export.tensorrt_batch: expected [min, opt, max] with 1 <= min <= opt <= max, got {b}.")
     for f in job.export.required:
         if f not in job.export.formats:
             raise JobError(f"export.required: {f!r} is required but not in export.formats {job.export.formats}; add it.")

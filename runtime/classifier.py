@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
-from .preprocess import ImageInput, check_contract, preprocess
+from .preprocess import ImageInput, Preprocessor, check_contract
 
-__all__ = ["METADATA_KEY", "Prediction", "Classifier", "read_metadata"]
+__all__ = ["METADATA_KEY", "Prediction", "Classifier", "BaseClassifier", "read_metadata", "check_metadata",
+           "provider_fallback"]
 
 METADATA_KEY = "distillery"  # metadata_props key holding the JSON contract
 
@@ -33,6 +35,20 @@ class Prediction:
     index: int  # top-1 class index
     probability: float  # softmax probability of the top-1 class
     topk: list[tuple[str, float]] = field(default_factory=list)  # best k (label, probability), best first
+
+
+def check_metadata(meta: Any, path: str = "model") -> dict[str, Any]:
+    """Validate a parsed ``distillery`` metadata object (class names + preprocessing contract)."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: the {METADATA_KEY!r} metadata is {type(meta).__name__}, expected a JSON object.")
+    names = meta.get("class_names")
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise ValueError(f"{path}: metadata class_names {names!r} must be a non-empty list of strings.")
+    try:
+        check_contract(meta.get("preprocess"))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    return meta
 
 
 def read_metadata(session: ort.InferenceSession, path: str = "model") -> dict[str, Any]:
@@ -47,16 +63,17 @@ def read_metadata(session: ort.InferenceSession, path: str = "model") -> dict[st
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: the {METADATA_KEY!r} metadata entry is not valid JSON ({e}); re-export the "
                          "model with `distillery export`.") from e
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: the {METADATA_KEY!r} metadata is {type(meta).__name__}, expected a JSON object.")
-    names = meta.get("class_names")
-    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
-        raise ValueError(f"{path}: metadata class_names {names!r} must be a non-empty list of strings.")
-    try:
-        check_contract(meta.get("preprocess"))
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
-    return meta
+    return check_metadata(meta, path)
+
+
+def _provider_name(p: Any) -> str:
+    return p[0] if isinstance(p, (tuple, list)) else str(p)
+
+
+def provider_fallback(requested: Sequence[Any], in_use: Sequence[str]) -> list[str]:
+    """Requested accelerator providers that onnxruntime is not using (it falls back silently, e.g. to CPU
+    when onnxruntime-gpu cannot load the CUDA/cuDNN libraries, or when the build lacks the provider)."""
+    return [n for n in map(_provider_name, requested) if n != "CPUExecutionProvider" and n not in in_use]
 
 
 def _default_providers() -> list[str]:
@@ -67,43 +84,24 @@ def _default_providers() -> list[str]:
     return preferred or available
 
 
-class Classifier:
-    """An ONNX image classifier with its preprocessing and class names read from the model file."""
+class BaseClassifier:
+    """What every backend shares: contract, class names, preprocessing, batching, softmax and top-k.
 
-    def __init__(self, session: ort.InferenceSession, metadata: dict[str, Any], path: str = "model"):
-        self.session = session
+    Subclasses implement :meth:`predict_logits`. Nothing here is mutated after construction, so
+    :meth:`predict` may be called from several threads at once when the backend's run is thread-safe.
+    """
+
+    format: str = "fp32"
+    providers_in_use: list[str] = []
+
+    def __init__(self, metadata: dict[str, Any], path: str = "model", fast_decode: bool = True):
         self.metadata = metadata
         self.path = path
         self.class_names: list[str] = list(metadata["class_names"])
         self.contract: dict[str, Any] = metadata["preprocess"]
-        self.format: str = str(metadata.get("format", "fp32"))
-        self.providers_in_use: list[str] = session.get_providers()
-        inputs, outputs = session.get_inputs(), session.get_outputs()
-        if len(inputs) != 1:
-            raise ValueError(f"{path}: expected one image input, the model has {[i.name for i in inputs]}.")
-        self.input_name = inputs[0].name
-        self.output_name = outputs[0].name
-        self._input_dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
-        n_out = outputs[0].shape[-1] if outputs[0].shape else None
-        if isinstance(n_out, int) and n_out != len(self.class_names):
-            raise ValueError(f"{path}: the model outputs {n_out} logits but its metadata names "
-                             f"{len(self.class_names)} classes; the file is inconsistent, re-export it.")
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, providers: Sequence[Any] | None = None,
-             session_options: ort.SessionOptions | None = None) -> "Classifier":
-        """Open ``path`` with onnxruntime. ``providers``: onnxruntime execution providers in order of
-        preference; default CUDA (when onnxruntime-gpu is installed) then CPU."""
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"model {path!r} does not exist; pass the .onnx file written by "
-                                    "`distillery export` (runs/<job>/export/model.onnx).")
-        try:
-            session = ort.InferenceSession(path, sess_options=session_options,
-                                           providers=list(providers) if providers else _default_providers())
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
-            raise ValueError(f"model {path!r} could not be opened by onnxruntime: {e}") from e
-        return cls(session, read_metadata(session, path), path)
+        self.format = str(metadata.get("format", "fp32"))
+        self.fast_decode = bool(fast_decode)
+        self._pre = Preprocessor(self.contract, fast_decode=self.fast_decode)
 
     @property
     def input_size(self) -> list[int]:
@@ -111,21 +109,40 @@ class Classifier:
 
     def preprocess(self, image: ImageInput) -> np.ndarray:
         """One image -> (3, H, W) float32, following this model's contract."""
-        return preprocess(image, self.contract)
+        return self._pre(image)
 
-    def predict_logits(self, batch: np.ndarray) -> np.ndarray:
-        """Run the network on an already preprocessed ``(B, 3, H, W)`` batch; returns ``(B, K)`` float32 logits."""
+    def preprocess_batch(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """Images -> (B, 3, H, W) float32, following this model's contract."""
+        return self._pre.batch(list(images))
+
+    def check_batch(self, batch: Any) -> np.ndarray:
+        """``batch`` as a float array shaped ``(B, 3, H, W)``; ValueError naming what is wrong otherwise."""
         batch = np.asarray(batch)
         _, h, w = self.contract["input_size"]
+        if batch.dtype.kind != "f":
+            raise ValueError(f"batch: dtype {batch.dtype} is not a float type; predict_logits() takes a "
+                             "preprocessed (normalised) float batch -- pass raw uint8 images to predict() instead.")
+        if batch.ndim == 4 and batch.shape[1:] == (h, w, 3):
+            raise ValueError(f"batch: shape {batch.shape} is channels-last (B, H, W, 3); the model takes "
+                             f"(B, 3, {h}, {w}): use batch.transpose(0, 3, 1, 2), or predict() for raw images.")
+        if batch.ndim == 3 and batch.shape == (3, h, w):
+            raise ValueError(f"batch: shape {batch.shape} is one image; add the batch axis with batch[None].")
         if batch.ndim != 4 or batch.shape[1:] != (3, h, w):
             raise ValueError(f"batch: shape {batch.shape} does not match the model input (B, 3, {h}, {w}); "
                              "use predict() for raw images or preprocess() them first.")
-        out = self.session.run([self.output_name], {self.input_name: batch.astype(self._input_dtype, copy=False)})
-        logits = np.asarray(out[0], dtype=np.float32)
-        if logits.ndim != 2 or logits.shape[1] != len(self.class_names):
-            raise ValueError(f"{self.path}: the model returned logits of shape {logits.shape} but its metadata "
-                             f"names {len(self.class_names)} classes; the file is inconsistent, re-export it.")
+        return batch
+
+    def _check_logits(self, logits: np.ndarray, n: int) -> np.ndarray:
+        logits = np.asarray(logits, dtype=np.float32)
+        if logits.shape != (n, len(self.class_names)):
+            raise ValueError(f"{self.path}: the model returned logits of shape {logits.shape} for {n} images but "
+                             f"its metadata names {len(self.class_names)} classes; the file is inconsistent, "
+                             "re-export it.")
         return logits
+
+    def predict_logits(self, batch: np.ndarray) -> np.ndarray:
+        """Run the network on an already preprocessed ``(B, 3, H, W)`` batch; returns ``(B, K)`` float32 logits."""
+        raise NotImplementedError
 
     def predict(self, images: ImageInput | Sequence[ImageInput], topk: int = 1,
                 batch_size: int = 32) -> list[Prediction]:
@@ -139,14 +156,14 @@ class Classifier:
             items = list(images)
         else:
             items = [images]
-        if not isinstance(topk, int) or topk < 1:
+        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
             raise ValueError(f"topk: expected a positive integer, got {topk!r}.")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}.")
         k = min(topk, len(self.class_names))
         preds: list[Prediction] = []
         for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            logits = self.predict_logits(np.stack([self.preprocess(im) for im in chunk]))
-            probs = _softmax(logits)
+            probs = _softmax(self.predict_logits(self._pre.batch(items[start:start + batch_size])))
             for p in probs:
                 order = np.argsort(-p, kind="stable")[:k]
                 top = [(self.class_names[i], float(p[i])) for i in order]
@@ -154,8 +171,79 @@ class Classifier:
         return preds
 
     def __repr__(self) -> str:
-        return (f"Classifier({self.path!r}, classes={len(self.class_names)}, input={self.input_size}, "
+        return (f"{type(self).__name__}({self.path!r}, classes={len(self.class_names)}, input={self.input_size}, "
                 f"format={self.format!r}, providers={self.providers_in_use})")
+
+
+class Classifier(BaseClassifier):
+    """An ONNX image classifier with its preprocessing and class names read from the model file.
+
+    ``providers_in_use`` lists the execution providers onnxruntime actually runs; ``provider_fallback``
+    the requested accelerators it silently dropped (a RuntimeWarning says so at load time).
+    """
+
+    def __init__(self, session: ort.InferenceSession, metadata: dict[str, Any], path: str = "model",
+                 requested_providers: Sequence[Any] | None = None, fast_decode: bool = True):
+        super().__init__(metadata, path, fast_decode)
+        self.session = session
+        self.providers_in_use = session.get_providers()
+        self.requested_providers = [_provider_name(p) for p in (requested_providers or self.providers_in_use)]
+        self.provider_fallback = provider_fallback(self.requested_providers, self.providers_in_use)
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        if len(inputs) != 1:
+            raise ValueError(f"{path}: expected one image input, the model has {[i.name for i in inputs]}.")
+        self.input_name = inputs[0].name
+        self.output_name = outputs[0].name
+        self._input_dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
+        n_out = outputs[0].shape[-1] if outputs[0].shape else None
+        if isinstance(n_out, int) and n_out != len(self.class_names):
+            raise ValueError(f"{path}: the model outputs {n_out} logits but its metadata names "
+                             f"{len(self.class_names)} classes; the file is inconsistent, re-export it.")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, providers: Sequence[Any] | None = None,
+             session_options: ort.SessionOptions | None = None, fast_decode: bool = True,
+             strict_providers: bool = False) -> BaseClassifier:
+        """Open ``path``: an ``.onnx`` file with onnxruntime, or a ``.engine`` file with TensorRT
+        (:class:`distillery.runtime.tensorrt.TensorRTClassifier`; needs ``distillery[trt]``).
+
+        ``providers``: onnxruntime execution providers in order of preference; default CUDA (when
+        onnxruntime-gpu is installed) then CPU. When a requested accelerator is not in use after the
+        session starts, a RuntimeWarning names it (``strict_providers=True``: a RuntimeError instead).
+        ``fast_decode``: JPEG draft-mode decoding of large files (see ``Preprocessor``).
+        """
+        path = os.fspath(path)
+        if path.endswith(".engine"):
+            from .tensorrt import TensorRTClassifier
+
+            return TensorRTClassifier.load(path, fast_decode=fast_decode)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"model {path!r} does not exist; pass the .onnx file written by "
+                                    "`distillery export` (runs/<job>/export/model.onnx).")
+        requested = list(providers) if providers else _default_providers()
+        try:
+            session = ort.InferenceSession(path, sess_options=session_options, providers=requested)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
+            raise ValueError(f"model {path!r} could not be opened by onnxruntime: {e}") from e
+        clf = cls(session, read_metadata(session, path), path, requested_providers=requested, fast_decode=fast_decode)
+        if clf.provider_fallback:
+            msg = (f"{path}: requested {', '.join(clf.provider_fallback)} but onnxruntime runs on "
+                   f"{', '.join(clf.providers_in_use)} (available in this onnxruntime build: "
+                   f"{', '.join(ort.get_available_providers())}). For CUDA install onnxruntime-gpu "
+                   "(`pip install distillery[gpu]`) with matching CUDA/cuDNN libraries on the library path.")
+            if strict_providers:
+                raise RuntimeError(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        return clf
+
+    def predict_logits(self, batch: np.ndarray) -> np.ndarray:
+        """Run the network on an already preprocessed ``(B, 3, H, W)`` batch; returns ``(B, K)`` float32 logits.
+
+        onnxruntime's ``run`` is thread-safe, so this may be called from several threads on one instance.
+        """
+        batch = self.check_batch(batch)
+        out = self.session.run([self.output_name], {self.input_name: batch.astype(self._input_dtype, copy=False)})
+        return self._check_logits(out[0], len(batch))
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import Sequence
 
 __all__ = ["add_arguments", "run", "main"]
@@ -26,7 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per inference batch (default 32)")
     p.add_argument("--providers", default=None, metavar="P1,P2",
                    help="onnxruntime execution providers in order, e.g. CPUExecutionProvider "
-                        "(default: CUDA if available, then CPU)")
+                        "(default: CUDA if available, then CPU); a requested provider that is not in use is "
+                        "reported on stderr")
+    p.add_argument("--exact-decode", action="store_true",
+                   help="decode large JPEG files at full size (default: draft-mode decoding, within 5/255 of it)")
     return p
 
 
@@ -38,7 +42,6 @@ def _error(msg: str) -> int:
 def run(args: argparse.Namespace) -> int:
     """Run the ``run`` subcommand from parsed arguments; returns the exit status."""
     from .classifier import Classifier
-    from .preprocess import load_image
 
     if args.topk < 1:
         return _error(f"--topk {args.topk}: must be >= 1.")
@@ -50,16 +53,21 @@ def run(args: argparse.Namespace) -> int:
         return _error(f"image {missing[0]!r} does not exist{more}; check the path.")
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     try:
-        clf = Classifier.load(args.model, providers=providers)
-    except (OSError, ValueError) as e:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            clf = Classifier.load(args.model, providers=providers, fast_decode=not args.exact_decode)
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
         return _error(str(e))
+    for w in caught:
+        if issubclass(w.category, RuntimeWarning):
+            print(f"distillery run: warning: {w.message}", file=sys.stderr)
     for start in range(0, len(args.images), args.batch_size):
         paths = args.images[start:start + args.batch_size]
-        try:
-            images = [load_image(p) for p in paths]
+        try:  # errors name the image; decoding happens inside predict so large JPEGs can use draft mode
+            preds = clf.predict(paths, topk=args.topk, batch_size=args.batch_size)
         except (OSError, ValueError) as e:
             return _error(str(e))
-        for path, pred in zip(paths, clf.predict(images, topk=args.topk, batch_size=args.batch_size)):
+        for path, pred in zip(paths, preds):
             if args.json:
                 print(json.dumps({"path": path, "label": pred.label, "index": pred.index,
                                   "probability": pred.probability,

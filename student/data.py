@@ -20,10 +20,10 @@ _FIX = "Rerun the teacher stage to rebuild the manifest, or remove the row."
 
 
 def load_rgb(path: str | Path):
-    from PIL import Image
+    """Decode an image exactly as the runtime does (16-bit, CMYK, palette ... -> RGB by the same rules)."""
+    from distillery.runtime.preprocess import load_image
 
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    return load_image(str(path))
 
 
 def _bad_row(manifest: Path, rows: list[dict], bad: np.ndarray, problem: str, fix: str = _FIX) -> ValueError:

@@ -1,0 +1,36 @@
+"""Real EuroSAT images for the benchmarks: the staged test split when present, else the committed sample."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGED_TEST = Path("/work/shared/data/eurosat/test")
+SAMPLE_EVAL = REPO / "examples" / "data" / "eurosat-sample" / "eval"
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+
+
+def eurosat_root() -> Path:
+    """The ImageFolder root used: ``/work/shared/data/eurosat/test`` when staged, else the committed sample."""
+    return STAGED_TEST if STAGED_TEST.is_dir() and any(STAGED_TEST.iterdir()) else SAMPLE_EVAL
+
+
+def eurosat_images(n: int, seed: int = 0, root: Path | None = None) -> list[tuple[Path, str]]:
+    """Up to ``n`` (path, class folder) pairs, class-balanced (round-robin over shuffled class folders)."""
+    root = root or eurosat_root()
+    rng = random.Random(seed)
+    queues = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = sorted(p for p in d.iterdir() if p.suffix.lower() in EXTENSIONS)
+        rng.shuffle(files)
+        queues.append([(f, d.name) for f in files])
+    out: list[tuple[Path, str]] = []
+    depth = 0
+    while len(out) < n and any(depth < len(q) for q in queues):
+        for q in queues:
+            if depth < len(q) and len(out) < n:
+                out.append(q[depth])
+        depth += 1
+    if not out:
+        raise FileNotFoundError(f"no images under {root}; stage EuroSAT or keep examples/data/eurosat-sample.")
+    return out
