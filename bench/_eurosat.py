@@ -24,13 +24,9 @@ def eurosat_images(n: int, seed: int = 0, root: Path | None = None) -> list[tupl
         files = sorted(p for p in d.iterdir() if p.suffix.lower() in EXTENSIONS)
         rng.shuffle(files)
         queues.append([(f, d.name) for f in files])
-    out: list[tuple[Path, str]] = []
-    depth = 0
-    while len(out) < n and any(depth < len(q) for q in queues):
-        for q in queues:
-            if depth < len(q) and len(out) < n:
-                out.append(q[depth])
-        depth += 1
+    from distillery.export.onnx import interleave
+
+    out: list[tuple[Path, str]] = interleave(queues, n)
     if not out:
         raise FileNotFoundError(f"no images under {root}; stage EuroSAT or keep examples/data/eurosat-sample.")
     return out

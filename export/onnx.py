@@ -91,7 +91,12 @@ def balanced_sample(rows: list[dict], n: int, seed: int = 0, exclude: set[str] =
         paths = sorted(set(by_label[label]))
         rng.shuffle(paths)
         queues.append(paths)
-    out: list[str] = []
+    return interleave(queues, n)
+
+
+def interleave(queues: list[list], n: int) -> list:
+    """Take one item from each queue in turn (round robin) until ``n`` items or all queues are used up."""
+    out: list = []
     depth = 0
     while len(out) < n and any(depth < len(q) for q in queues):
         for q in queues:
