@@ -67,13 +67,21 @@ def _wrap(role: str, ref: str, e: Exception) -> ModelLoadError:
                           f"{str(e).splitlines()[0] if str(e) else ''}. {_fix_hint(role)}")
 
 
-def pick_device(setting: str = "auto") -> str:
+def pick_device(setting: str = "auto", key: str = "device") -> str:
+    """``"auto"`` -> CUDA when available, else CPU; anything else is checked to be a usable torch device.
+
+    ``key`` names the job setting in the error message (e.g. ``student.device``).
+    """
     import torch
 
     if setting == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if setting.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"device: {setting!r} requested but CUDA is not available here; use device=cpu or auto.")
+    try:
+        dev = torch.device(setting)
+    except RuntimeError as e:
+        raise ValueError(f"{key}: {setting!r} is not a device; use auto, cpu, cuda or cuda:N.") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{key}: {setting!r} requested but CUDA is not available here; use auto or cpu.")
     return setting
 
 

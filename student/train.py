@@ -39,16 +39,10 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"student.device: {name!r} is not a device; use auto, cpu, cuda or cuda:N.") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"student.device: {name!r} requested but CUDA is not available; use auto or cpu.")
-    return dev
+    """``"auto"`` -> CUDA when available, else CPU; errors name ``student.device``."""
+    from distillery.models import pick_device
+
+    return torch.device(pick_device(name, key="student.device"))
 
 
 def _seed_everything(seed: int) -> None:

@@ -67,7 +67,8 @@ def dry_run(job, out: TextIO | None = None) -> list[dict]:
     lora_pending = False
     if job.teacher.synth.enabled and job.teacher.lora.enabled:
         cfg = job.teacher.lora
-        r = lora.estimate(job, lambda: load_diffusion(job.models.diffusion, pick_device(cfg.device), half=False))
+        device = pick_device(cfg.device, key="teacher.lora.device")
+        r = lora.estimate(job, lambda: load_diffusion(job.models.diffusion, device, half=False))
         lora_pending = r.get("note") != "up to date"
         rows.append(r)
     if job.teacher.synth.enabled:

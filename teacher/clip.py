@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from distillery.rundir import (RunPaths, is_done, list_images, log, mark_done, save_resolved_job, sha256_file,
-                               stage_key, write_table)
+from distillery.rundir import (RunPaths, atomic_path, is_done, list_images, log, mark_done, save_resolved_job,
+                               sha256_file, stage_key, write_table)
 
 
 def format_templates(templates: list[str], class_name: str, domain: str) -> list[str]:
@@ -88,7 +88,7 @@ def run_clip(job, progress: bool = True) -> dict:
     from distillery.models import load_clip, pick_device
 
     t0 = time.perf_counter()
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, key="teacher.clip.device")
     model, preprocess, tokenizer = load_clip(job.models.clip, device=device)
     text = np.stack([encode_texts(model, tokenizer, format_templates(cfg.templates, c, job.domain), device)
                      for c in job.class_names])  # (C, M, D)
@@ -96,8 +96,6 @@ def run_clip(job, progress: bool = True) -> dict:
     feats = encode_images(model, preprocess, images, device, cfg.batch_size, progress)
     probs = zero_shot_probs(feats, weights, cfg.logit_scale).astype(np.float32)
     feat_path.parent.mkdir(parents=True, exist_ok=True)
-    from distillery.rundir import atomic_path
-
     with atomic_path(feat_path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, feats.astype(np.float32))

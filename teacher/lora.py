@@ -250,7 +250,7 @@ def run_lora(job, progress: bool = True) -> dict:
 
     from distillery.models import load_diffusion, pick_device
 
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, key="teacher.lora.device")
     t0 = time.perf_counter()
     pipe = load_diffusion(job.models.diffusion, device=device, half=False)  # fp32 master weights; autocast on CUDA
     counts = add_lora(pipe.unet, cfg.rank, cfg.alpha, seed=lora_seed(job))

@@ -250,7 +250,7 @@ def run_synth(job, progress: bool = True) -> dict:
     if todo:
         from distillery.models import load_diffusion, pick_device
 
-        device = pick_device(s.device)
+        device = pick_device(s.device, key="teacher.synth.device")
         pipe = load_diffusion(job.models.diffusion, device=device, half=s.half)
         if lora_file:
             load_lora(pipe, lora_file)
@@ -341,7 +341,7 @@ def estimate(job, lora_pending: bool = False) -> dict:
     if not todo:
         return {**row, "estimate_s": 0.0, "note": "up to date"}
     t0 = time.perf_counter()
-    pipe = load_diffusion(job.models.diffusion, device=pick_device(s.device), half=s.half)
+    pipe = load_diffusion(job.models.diffusion, device=pick_device(s.device, key="teacher.synth.device"), half=s.half)
     if lora_file:
         load_lora(pipe, lora_file)
     elif lora_pending:  # a fresh adapter of the configured shape costs what the trained one will
