@@ -16,7 +16,7 @@ import sys
 EPILOG = """\
 stages and their files (runs/<job>/ ...):
   teacher   teacher/synthetic.parquet, teacher/pseudo_labels.parquet, teacher/manifest.parquet
-  student   student/model.safetensors, config.json, metrics.json
+  student   student/model.safetensors, config.json, metrics.json, report.md (+ confusion.png)
   export    export/model.onnx, report.json
 Each stage reads only the previous stages' files, skips itself when its inputs and settings are
 unchanged, and resumes after an interruption. Override any job setting with key=value, e.g.

@@ -122,8 +122,17 @@ class StudentCfg:
     model_args: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs, e.g. drop_rate
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
     amp: bool = True  # bfloat16 autocast on CUDA (ignored on CPU)
-    workers: int = 0  # DataLoader workers
+    workers: int = 0  # DataLoader workers (kept alive across epochs)
     device: str = "auto"
+    cache: bool = True  # decode + resize every image once into a uint8 memmap at the input size (student/cache.py)
+    cache_dir: str | None = None  # where that cache lives; null = <run_dir>/cache (share one folder across jobs to reuse it)
+    randaugment: str | None = None  # timm RandAugment config string, e.g. "rand-m9-mstd0.5"; null = off
+    mixup: float = 0.0  # mixup Beta(a, a) parameter; 0 = off (soft targets and labels are mixed alike)
+    cutmix: float = 0.0  # CutMix Beta(a, a) parameter; 0 = off (with mixup too, one of the two per batch)
+    ema_decay: float = 0.0  # EMA of weights (timm ModelEmaV3 with warmup); 0 = off, e.g. 0.999; saved/evaluated when on
+    channels_last: bool = False  # NHWC memory format (often faster on GPUs and oneDNN CPUs)
+    compile: bool = False  # torch.compile the training forward/backward (first steps pay the compile time)
+    checkpoint_steps: int = 0  # also checkpoint every N steps inside an epoch (0 = at epoch ends only)
 
 
 @dataclass
@@ -137,6 +146,8 @@ class ExportCfg:
     tensorrt: list[str] = field(default_factory=lambda: ["fp16", "int8"])  # engines to build where TensorRT + a GPU exist ([] = none); int8 only when int8 is exported
     tensorrt_batch: list[int] = field(default_factory=lambda: [1, 8, 32])  # min / opt / max batch of the engine's profile
     tensorrt_workspace_mb: int = 1024  # TensorRT builder workspace
+    deploy_timing_s: float = 1.0  # onnxruntime CPU timing per passing format (batch 1) to pick the deploy format; 0 = no timing, the most precise passing format
+    deploy_tolerance: float = 0.05  # a lower precision is deployed only when it is this much faster (0.05 = 5%) than a more precise passing format
 
 
 @dataclass
@@ -380,6 +391,14 @@ def validate(job: Job) -> Job:
         raise JobError(f"student.temperature: must be > 0, got {st.temperature}.")
     if len(st.crop_scale) != 2 or not 0 < st.crop_scale[0] <= st.crop_scale[1] <= 1:
         raise JobError(f"student.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {st.crop_scale}.")
+    for k in ("mixup", "cutmix", "checkpoint_steps"):
+        if getattr(st, k) < 0:
+            raise JobError(f"student.{k}: must be >= 0 (0 = off), got {getattr(st, k)}.")
+    if not 0.0 <= st.ema_decay < 1.0:
+        raise JobError(f"student.ema_decay: must be in [0, 1) (0 = off; typical 0.999-0.9999), got {st.ema_decay}.")
+    if st.randaugment is not None and not str(st.randaugment).startswith("rand"):
+        raise JobError(f"student.randaugment: expected a timm RandAugment string such as 'rand-m9-mstd0.5' "
+                       f"(or null to turn it off), got {st.randaugment!r}.")
     for f in job.export.formats + job.export.required:
         if f not in EXPORT_FORMATS:
             raise JobError(f"export.formats/required: unknown format {f!r}; choose from {', '.join(EXPORT_FORMATS)}.")
@@ -429,6 +448,8 @@ def job_from_dict(raw: dict, base: str | os.PathLike = ".", overrides: list[str]
         setattr(job.models, f.name, resolve_model_ref(getattr(job.models, f.name), base))
     if job.student.pretrained:
         job.student.pretrained = resolve_model_ref(job.student.pretrained, base)
+    if job.student.cache_dir:
+        job.student.cache_dir = _resolve_path(job.student.cache_dir, base)
     return validate(job)
 
 

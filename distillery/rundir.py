@@ -5,7 +5,7 @@ runs/<job>/teacher/synthetic/…            generated images
 runs/<job>/teacher/synthetic.parquet      one row per synthetic image
 runs/<job>/teacher/pseudo_labels.parquet  one row per real image, one probability column per teacher
 runs/<job>/teacher/manifest.parquet       the training set
-runs/<job>/student/model.safetensors, config.json, metrics.json
+runs/<job>/student/model.safetensors, config.json, metrics.json, report.md, confusion.png
 runs/<job>/export/model.onnx (+ model.fp16.onnx, model.int8.onnx), report.json
 ```
 

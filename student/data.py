@@ -12,7 +12,7 @@ import numpy as np
 
 __all__ = [
     "MANIFEST_COLUMNS", "read_manifest", "validate_manifest", "ManifestDataset", "list_eval_images",
-    "ImageListDataset", "train_transform", "eval_transform", "load_rgb",
+    "ImageListDataset", "train_transform", "eval_transform", "load_rgb", "EpochSampler", "Normalize", "sample_seed",
 ]
 
 MANIFEST_COLUMNS = ("path", "source", "sha256", "label", "soft_target", "weight")
@@ -92,14 +92,31 @@ def read_manifest(path: str | Path, num_classes: int) -> list[dict]:
     return rows
 
 
-class ManifestDataset:
-    """Manifest rows -> ``(image (3, H, W), label, soft_target (C,), weight)``; zero-weight rows are dropped."""
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one sample in one epoch: a pure function, so workers and resumes agree."""
+    import hashlib
 
-    def __init__(self, rows: list[dict], transform):
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class ManifestDataset:
+    """Manifest rows -> ``(image (3, H, W) uint8, label, soft_target (C,), weight)``; zero-weight rows are dropped.
+
+    Items are fetched by ``(index, epoch)`` keys (see :class:`EpochSampler`): before transforming, Python's and
+    NumPy's global RNGs are seeded from ``(seed, epoch, index)``, so the augmentation of every sample is fixed
+    by the job's seed alone, whatever the number of DataLoader workers and wherever a run was resumed.
+    With ``cache`` (a :class:`~distillery.student.cache.DecodeCache` holding every row's sha256) the pixels
+    come from the uint8 memmap instead of the image file.
+    """
+
+    def __init__(self, rows: list[dict], transform, cache=None, seed: int = 0):
         import torch
 
         self.rows = [r for r in rows if r["weight"] > 0]  # weight 0 = ignore; no point decoding them
         self.transform = transform
+        self.cache = cache
+        self.seed = seed
         self.soft = torch.tensor(np.asarray([r["soft_target"] for r in self.rows], dtype=np.float32))
         self.labels = torch.tensor([r["label"] for r in self.rows], dtype=torch.long)
         self.weights = torch.tensor([r["weight"] for r in self.rows], dtype=torch.float32)
@@ -107,14 +124,57 @@ class ManifestDataset:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int):
+    def image(self, i: int):
+        """Row ``i``'s decoded RGB image (from the cache when there is one)."""
+        from PIL import Image
+
         r = self.rows[i]
+        if self.cache is not None:
+            return Image.fromarray(self.cache.get(r["sha256"]))
         try:
-            img = load_rgb(r["path"])
+            return load_rgb(r["path"])
         except Exception as e:  # PIL raises many types; name the row and the file
             raise ValueError(f"manifest row {r['row']}: cannot read image {r['path']!r}: {str(e).rstrip('.')}. Replace the file or "
                              "rerun the teacher stage.") from e
-        return self.transform(img), self.labels[i], self.soft[i], self.weights[i]
+
+    def __getitem__(self, key):
+        import random
+
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
+        s = sample_seed(self.seed, epoch, i)
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        return self.transform(self.image(i)), self.labels[i], self.soft[i], self.weights[i]
+
+
+class EpochSampler:
+    """Yields ``(index, epoch)``: a permutation fixed by ``(seed, epoch)``, optionally starting mid-epoch.
+
+    Call :meth:`set_epoch` before iterating. With ``drop_last`` the permutation is cut to whole batches.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, drop_last: bool = False):
+        self.n, self.batch_size, self.seed, self.drop_last = n, batch_size, seed, drop_last
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def batches_per_epoch(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def __len__(self) -> int:
+        used = self.n // self.batch_size * self.batch_size if self.drop_last else self.n
+        return max(used - self.start_batch * self.batch_size, 0)
+
+    def __iter__(self):
+        import torch
+
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        if self.drop_last:
+            order = order[: self.n // self.batch_size * self.batch_size]
+        for i in order[self.start_batch * self.batch_size:]:
+            yield i, self.epoch
 
 
 def list_eval_images(folder: str | Path, folders: list[str], extensions) -> list[tuple[Path, int]]:
@@ -153,18 +213,74 @@ class ImageListDataset:
         return self.transform(load_rgb(path)), label
 
 
-def train_transform(data_config: dict, scale: tuple[float, float] = (0.08, 1.0)):
-    """RandomResizedCrop + horizontal flip (the DDN recipe), then timm's normalisation."""
-    from timm.data.transforms import str_to_interp_mode
+class _HorizontalFlip:
+    """Flip left-right with probability ``p``, drawing from Python's ``random`` (seeded per sample)."""
+
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
+    def __call__(self, img):
+        import random
+
+        from PIL import Image
+
+        return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if random.random() < self.p else img
+
+
+def _to_uint8_chw(img):
+    import torch
+
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+
+
+def train_transform(data_config: dict, scale: tuple[float, float] = (0.08, 1.0), randaugment: str | None = None):
+    """PIL image -> ``(3, H, W)`` uint8 tensor: RandomResizedCrop + horizontal flip (the DDN recipe), then
+    timm's RandAugment when ``randaugment`` is a config string such as ``"rand-m9-mstd0.5"``.
+
+    Only Python's and NumPy's RNGs are used (seeded per sample by :class:`ManifestDataset`). Normalisation
+    happens on the device, batched: :class:`Normalize`.
+    """
+    from timm.data.transforms import RandomResizedCropAndInterpolation
     from torchvision import transforms as T
 
     size = tuple(data_config["input_size"][1:])
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=scale, interpolation=str_to_interp_mode(data_config["interpolation"])),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(mean=data_config["mean"], std=data_config["std"]),
-    ])
+    ops = [RandomResizedCropAndInterpolation(size, scale=scale, interpolation=data_config["interpolation"]),
+           _HorizontalFlip()]
+    if randaugment:
+        from timm.data.auto_augment import rand_augment_transform
+
+        import re
+
+        bad = [c for c in str(randaugment).split("-")[1:]
+               if not (c.startswith("t") or re.fullmatch(r"(mstd|mmax|inc|m|n|p)\d+(\.\d+)?", c))]
+        if bad or not str(randaugment).startswith("rand"):
+            raise ValueError(f"student.randaugment: {randaugment!r} is not a timm RandAugment string (cannot read "
+                             f"{bad or randaugment!r}); use e.g. 'rand-m9-mstd0.5' or 'rand-m7-n2' (m = magnitude "
+                             "0-10, n = ops per image, mstd = magnitude noise, p = probability, inc1 = increasing ops).")
+        hparams = {"translate_const": int(min(size) * 0.45),
+                   "img_mean": tuple(int(round(255 * m)) for m in data_config["mean"])}
+        try:
+            ops.append(rand_augment_transform(randaugment, hparams))
+        except Exception as e:  # timm raises AssertionError/ValueError/KeyError on a bad string
+            raise ValueError(f"student.randaugment: {randaugment!r} is not a timm RandAugment string ({e}); "
+                             "use e.g. 'rand-m9-mstd0.5' or 'rand-m7-n2'.") from e
+    ops.append(_to_uint8_chw)
+    return T.Compose(ops)
+
+
+class Normalize:
+    """uint8 ``(B, 3, H, W)`` on any device -> float32 ``(x / 255 - mean) / std`` in one fused multiply-add."""
+
+    def __init__(self, mean, std, device="cpu", channels_last: bool = False):
+        import torch
+
+        std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.scale, self.shift = 1.0 / (255.0 * std), mean / std
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, x):
+        return (x.float() * self.scale - self.shift).contiguous(memory_format=self.memory_format)
 
 
 def eval_transform(data_config: dict):

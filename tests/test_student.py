@@ -18,13 +18,15 @@ from distillery.job import job_from_dict
 from distillery.rundir import RunPaths, write_table
 from distillery.student import distillation_loss, load_student, train_student
 from distillery.student import train as train_mod
+from distillery.student.cache import file_sha256
 from distillery.student.data import list_eval_images
 from distillery.student.model import build_student
 
 MODEL = "mobilenetv3_small_050"
 CLASSES = ["red", "green", "blue"]
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
-CONFIG_KEYS = {"architecture", "num_classes", "class_names", "model_args", "data_config", "job_hash", "versions"}
+CONFIG_KEYS = {"architecture", "num_classes", "class_names", "model_args", "data_config", "weights", "job_hash",
+               "versions"}
 DATA_CONFIG_KEYS = {"input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode"}
 SCHEMA = pa.schema([("path", pa.string()), ("source", pa.string()), ("sha256", pa.string()), ("label", pa.int64()),
                     ("soft_target", pa.list_(pa.float32())), ("weight", pa.float32())])
@@ -45,7 +47,7 @@ def _rows(folder, per_class=4):
             p = _png(folder / f"{c}_{k}.png", color, seed=10 * c + k, size=32 + 8 * (k % 2))  # mixed sizes
             soft = [0.1] * len(COLORS)
             soft[c] = 1.0 - 0.1 * (len(COLORS) - 1)
-            rows.append({"path": str(p), "source": "real", "sha256": "0" * 64, "label": c, "soft_target": soft,
+            rows.append({"path": str(p), "source": "real", "sha256": file_sha256(p), "label": c, "soft_target": soft,
                          "weight": 0.0 if k == 3 and c == 0 else 1.0})  # one ignored row
     return rows
 
@@ -207,3 +209,196 @@ def test_eval_folder_that_matches_no_class_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="Purple"):
         list_eval_images(tmp_path, ["RED", "GREEN", "BLUE"], [".png"])
     assert [lab for _, lab in list_eval_images(tmp_path, ["RED", "Purple"], [".png"])] == [1, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipe options, decode cache, determinism
+
+
+def _weights_diff(job_a, job_b) -> float:
+    from safetensors.torch import load_file
+
+    a = load_file(str(RunPaths(job_a.run_path).student_weights))
+    b = load_file(str(RunPaths(job_b.run_path).student_weights))
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+RECIPE = {"epochs": 2, "ema_decay": 0.9, "mixup": 0.4, "cutmix": 1.0, "randaugment": "rand-m9-n2-mstd0.5",
+          "channels_last": True, "checkpoint_steps": 1}
+
+
+def test_kill_mid_epoch_resumes_to_the_same_weights_with_every_option(tmp_path, monkeypatch):
+    """EMA, mixup/CutMix, RandAugment, channels_last and step checkpoints: killed after step 2 of epoch 1
+    (inside the epoch), the rerun reaches exactly the uninterrupted run's weights."""
+    straight = _job(tmp_path, name="straight", **RECIPE)
+    ref = train_student(straight, progress=False)
+    assert ref["weights"] == "ema" and json.loads(RunPaths(straight.run_path).student_config.read_text())["weights"] == "ema"
+
+    job = _job(tmp_path, name="killed", **RECIPE)
+    save = train_mod._save_checkpoint
+    saved = []
+
+    def save_then_maybe_die(path, state):
+        save(path, state)
+        saved.append((state["epoch"], state["step"]))
+        if (state["epoch"], state["step"]) == (1, 2):
+            raise KeyboardInterrupt  # killed inside epoch 2, after its second step
+
+    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_maybe_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_student(job, progress=False)
+    assert saved == [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]  # 3 steps per epoch: step checkpoints + epoch end
+    monkeypatch.setattr(train_mod, "_save_checkpoint", save)
+    metrics = train_student(job, progress=False)
+    assert metrics["resumed_from"] == {"epoch": 1, "step": 2}
+    assert [h["loss"] for h in metrics["history"]] == pytest.approx([h["loss"] for h in ref["history"]], rel=1e-6)
+    assert _weights_diff(straight, job) == 0.0
+
+
+def test_worker_count_does_not_change_the_weights(tmp_path):
+    """Augmentation is seeded per (seed, epoch, sample), so 0 and 2 DataLoader workers train identically."""
+    a = _job(tmp_path, name="w0", epochs=1, randaugment="rand-m9-mstd0.5", workers=0)
+    b = _job(tmp_path, name="w2", epochs=1, randaugment="rand-m9-mstd0.5", workers=2)
+    train_student(a, progress=False)
+    train_student(b, progress=False)
+    assert _weights_diff(a, b) == 0.0
+
+
+def test_ema_weights_are_the_saved_ones_and_differ_from_the_raw_model(tmp_path):
+    job = _job(tmp_path, name="ema", epochs=1, ema_decay=0.5, eval_dir=_eval_dir(tmp_path))
+    metrics = train_student(job, progress=False)
+    ckpt = torch.load(RunPaths(job.run_path).student / "checkpoint.pt", weights_only=True)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(RunPaths(job.run_path).student_weights))
+    k = next(k for k, v in ckpt["model"].items() if v.is_floating_point() and "weight" in k)
+    assert torch.equal(saved[k], ckpt["ema"][k])
+    assert not torch.equal(saved[k], ckpt["model"][k])
+    assert "top1_without_ema" in metrics["eval"]
+
+
+def _eval_dir(tmp_path, per_class=2):
+    folder = tmp_path / "eval"
+    for c, (name, color) in enumerate(zip(CLASSES, COLORS)):
+        for k in range(per_class):
+            _png(folder / name.upper() / f"{k}.png", color, seed=500 + 10 * c + k)
+    return folder
+
+
+def test_evaluation_writes_confusion_matrix_and_report(tmp_path):
+    job = _job(tmp_path, name="cm", epochs=1, eval_dir=_eval_dir(tmp_path, per_class=3))
+    metrics = train_student(job, progress=False)
+    ev = metrics["eval"]
+    cm = np.asarray(ev["confusion"])
+    assert cm.shape == (3, 3) and cm.sum() == ev["images"] == 9
+    assert cm.sum(axis=1).tolist() == [ev["per_class_images"][c] for c in CLASSES]
+    assert [cm[i, i] / cm[i].sum() for i in range(3)] == pytest.approx([ev["per_class"][c] for c in CLASSES])
+    assert np.trace(cm) / cm.sum() == pytest.approx(ev["top1"])
+    out = RunPaths(job.run_path).student
+    with Image.open(out / "confusion.png") as im:
+        assert im.format == "PNG" and im.width > 3 * 44 and im.height > 3 * 44
+    report = (out / "report.md").read_text()
+    assert f"{ev['top1']:.4f}" in report and "confusion.png" in report
+
+
+def test_decode_cache_is_keyed_by_content(tmp_path):
+    from distillery.student.cache import DecodeCache, decode_square
+
+    a = _png(tmp_path / "a.png", (10, 200, 30), seed=1, size=48)
+    b = _png(tmp_path / "b.png", (200, 10, 30), seed=2, size=40)
+    cache = DecodeCache(tmp_path / "cache", 32)
+    assert cache.add([(file_sha256(a), a), (file_sha256(b), b)]) == 2
+    np.testing.assert_array_equal(cache.get(file_sha256(a)), decode_square(a, 32))
+    assert decode_square(a, 32).shape == (32, 32, 3)
+
+    # a copy under another name reuses the slot; a fresh instance reads the index back
+    c = tmp_path / "copy.png"
+    c.write_bytes(a.read_bytes())
+    again = DecodeCache(tmp_path / "cache", 32)
+    assert len(again) == 2 and again.add([(file_sha256(c), c), (file_sha256(b), b)]) == 0
+
+    # a torn tail (crash while appending) is padded over, never read as an image
+    with open(again.pixels_path, "ab") as f:
+        f.write(b"\1" * 100)
+    d = _png(tmp_path / "d.png", (90, 90, 90), seed=3, size=32)
+    assert again.add([(file_sha256(d), d)]) == 1
+    np.testing.assert_array_equal(again.get(file_sha256(d)), decode_square(d, 32))
+    np.testing.assert_array_equal(again.get(file_sha256(b)), decode_square(b, 32))
+    # another resolution is another folder
+    assert DecodeCache(tmp_path / "cache", 16).folder != cache.folder
+
+
+def test_image_changed_after_the_teacher_stage_is_a_clear_error(tmp_path):
+    rows = _rows(tmp_path / "unlabeled")
+    job = _job(tmp_path, rows=rows)
+    _png(tmp_path / "unlabeled" / "1_2.png", (0, 0, 0), seed=99)  # edited after the manifest was written
+    with pytest.raises(ValueError, match=r"row 6 .*1_2\.png.*changed after the teacher stage"):
+        train_student(job, progress=False)
+
+
+def test_uncached_run_reads_the_files(tmp_path):
+    job = _job(tmp_path, name="nocache", epochs=1, cache=False)
+    metrics = train_student(job, progress=False)
+    assert metrics["train_images"] == 11 and not (RunPaths(job.run_path).root / "cache").exists()
+
+
+def test_device_normalisation_matches_timm_transform():
+    """uint8 batch -> Normalize on the device equals ToTensor + Normalize(mean, std) per image."""
+    from torchvision import transforms as T
+
+    from distillery.student.data import Normalize
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    arr = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2)
+    ours = Normalize(mean, std)(x)
+    ref = torch.stack([T.Compose([T.ToTensor(), T.Normalize(mean, std)])(Image.fromarray(a)) for a in arr])
+    assert (ours - ref).abs().max().item() < 1e-5
+
+
+def test_mix_batch_mixes_inputs_as_stated():
+    from distillery.student.mix import mix_batch
+
+    x = torch.arange(4 * 3 * 8 * 8, dtype=torch.float32).reshape(4, 3, 8, 8)
+    same, perm, lam = mix_batch(x, 0, 0, 0)
+    assert perm is None and lam == 1.0 and same is x
+    m, perm, lam = mix_batch(x, 0, 0, 0, mixup=0.4)
+    assert 0 <= lam <= 1 and sorted(perm.tolist()) == [0, 1, 2, 3]
+    assert torch.allclose(m, lam * x + (1 - lam) * x[perm])
+    assert torch.equal(mix_batch(x, 0, 0, 0, mixup=0.4)[0], m)  # same (seed, epoch, step): same mix
+    c, perm, lam = mix_batch(x, 0, 0, 1, cutmix=1.0)
+    pasted = (c != x).any(dim=1)  # (B, H, W) pixels taken from the partner (all distinct values here)
+    kept = 1 - pasted[perm != torch.arange(4)].float().mean().item() if (perm != torch.arange(4)).any() else 1.0
+    assert lam == pytest.approx(kept)
+
+
+def test_mixed_loss_equals_loss_to_mixed_targets_up_to_a_constant():
+    """lam*L(a) + (1-lam)*L(b) has the same gradient as the loss to the mixed soft target and mixed one-hot label."""
+    torch.manual_seed(0)
+    z = torch.randn(5, 4, requires_grad=True)
+    pa_, pb = torch.softmax(torch.randn(5, 4), 1), torch.softmax(torch.randn(5, 4), 1)
+    ya, yb = torch.tensor([0, 1, 2, 3, 0]), torch.tensor([3, 2, 1, 0, 1])
+    lam, tau, alpha = 0.3, 2.0, 0.6
+    ours = lam * distillation_loss(z, pa_, ya, None, tau, alpha) + (1 - lam) * distillation_loss(z, pb, yb, None, tau, alpha)
+    g1, = torch.autograd.grad(ours, z)
+    # by hand: mixed soft target p and mixed one-hot label y
+    p = lam * pa_ + (1 - lam) * pb
+    y = lam * torch.nn.functional.one_hot(ya, 4) + (1 - lam) * torch.nn.functional.one_hot(yb, 4)
+    ref = (alpha * tau ** 2 * -(p * torch.log_softmax(z / tau, 1)).sum(1) - (1 - alpha) * (y * torch.log_softmax(z, 1)).sum(1)).mean()
+    g2, = torch.autograd.grad(ref, z)
+    assert torch.allclose(g1, g2, atol=1e-6)
+
+
+@pytest.mark.parametrize("key,value,needle", [("ema_decay", 1.0, "ema_decay"), ("mixup", -1, "mixup"),
+                                              ("randaugment", "m9", "randaugment"), ("checkpoint_steps", -2, "checkpoint_steps")])
+def test_bad_recipe_settings_name_the_key(tmp_path, key, value, needle):
+    from distillery.job import JobError
+
+    with pytest.raises(JobError, match=needle):
+        _job(tmp_path, **{key: value})
+
+
+def test_bad_randaugment_string_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match="student.randaugment"):
+        train_student(_job(tmp_path, randaugment="rand-zz"), progress=False)
