@@ -1,6 +1,6 @@
 """Student benchmark on real EuroSAT images (issue 5, part 5): distillation quality and trainer speed.
 
-    python -m bench student                                  # CPU defaults (~15 min on 2 cores)
+    python -m bench student                                  # CPU defaults (~20 min on 2 cores)
     DISTILLERY_BENCH_DEVICE=cuda python -m bench student     # GPU defaults (~9 min on one H100)
     DISTILLERY_BENCH_LIMIT=20 DISTILLERY_BENCH_EPOCHS=1 python -m bench student   # smoke run
 
@@ -29,8 +29,8 @@ Settings (environment variables; defaults depend on the device, CPU / CUDA):
 |---|---|---|---|
 | DISTILLERY_EUROSAT | the staged EuroSAT folder (labeled_pool/, train_unlabeled/, test/) | ../shared/data/eurosat, else .benchdata | same |
 | DISTILLERY_BENCH_DEVICE | auto, cpu, cuda | auto | |
-| DISTILLERY_BENCH_EPOCHS | student epochs (distilled, hard) | 5 | 60 |
-| DISTILLERY_BENCH_TEACHER_EPOCHS | teacher and supervised-reference epochs | 6 | 80 |
+| DISTILLERY_BENCH_EPOCHS | student epochs (distilled, hard) | 12 | 60 |
+| DISTILLERY_BENCH_TEACHER_EPOCHS | teacher and supervised-reference epochs | 8 | 80 |
 | DISTILLERY_BENCH_TEACHER | stand-in teacher (timm name) | resnet18 | |
 | DISTILLERY_BENCH_STUDENT | student (timm name) | mobilenetv3_small_100 | |
 | DISTILLERY_BENCH_INPUT | teacher input size in pixels (square; EuroSAT is 64 px) | 64 | 64 |
@@ -39,6 +39,11 @@ Settings (environment variables; defaults depend on the device, CPU / CUDA):
 | DISTILLERY_BENCH_LR | AdamW learning rate (all models) | 1e-3 | 1e-3 |
 | DISTILLERY_BENCH_CROP_MIN | RandomResizedCrop minimum area | 0.25 | 0.25 |
 | DISTILLERY_BENCH_ALPHA / _TEMPERATURE | distillation weight and temperature | 0.9 / 4 | |
+| DISTILLERY_BENCH_CHANNELS_LAST | NHWC memory format (all models, and the bare loop) | 1 | 1 |
+| DISTILLERY_BENCH_EMA | EMA decay of the students (0 = off) | 0 | 0 |
+| DISTILLERY_BENCH_MIXUP / _CUTMIX | mixup / CutMix Beta parameters of the students (0 = off) | 0 / 0 | |
+| DISTILLERY_BENCH_RANDAUG | timm RandAugment string for the students (empty = off) | | |
+| DISTILLERY_BENCH_CACHE | the trainer's decode-once uint8 cache (the bare loop always decodes files) | 1 | 1 |
 | DISTILLERY_BENCH_WORKERS | DataLoader workers | 0 | min(8, cpus - 2) |
 | DISTILLERY_BENCH_THREADS | torch threads | torch's default | |
 | DISTILLERY_BENCH_SPEED_EPOCHS / _ROUNDS / _IMAGES | throughput comparison: epochs per measurement, rounds, manifest rows | 1 / 2 / 1536 | 4 / 2 / all |
@@ -91,8 +96,8 @@ def _settings() -> dict:
         "device": str(device),
         "teacher": _env("TEACHER", "resnet18"),
         "student": _env("STUDENT", "mobilenetv3_small_100"),
-        "epochs": _env("EPOCHS", 60 if cuda else 5, int),
-        "teacher_epochs": _env("TEACHER_EPOCHS", 80 if cuda else 6, int),
+        "epochs": _env("EPOCHS", 60 if cuda else 12, int),
+        "teacher_epochs": _env("TEACHER_EPOCHS", 80 if cuda else 8, int),
         "input_size": _env("INPUT", 64, int),  # teacher
         "student_input": _env("STUDENT_INPUT", 128 if cuda else _env("INPUT", 64, int), int),  # students, reference
         "batch_size": _env("BATCH", 128, int),
@@ -100,6 +105,12 @@ def _settings() -> dict:
         "crop_scale": [_env("CROP_MIN", 0.25, float), 1.0],
         "distill_alpha": _env("ALPHA", 0.9, float),
         "temperature": _env("TEMPERATURE", 4.0, float),
+        "channels_last": bool(_env("CHANNELS_LAST", 1, int)),
+        "cache": bool(_env("CACHE", 1, int)),
+        "ema_decay": _env("EMA", 0.0, float),
+        "mixup": _env("MIXUP", 0.0, float),
+        "cutmix": _env("CUTMIX", 0.0, float),
+        "randaugment": _env("RANDAUG", "") or None,
         "workers": _env("WORKERS", max(0, min(8, cpus - 2)) if cuda else 0, int),
         "threads": _env("THREADS", torch.get_num_threads(), int),
         "speed_epochs": _env("SPEED_EPOCHS", 4 if cuda else 1, int),
@@ -177,7 +188,8 @@ def _job(s: dict, name: str, classes: list[str], unlabeled: Path, **student):
         "run_dir": str(Path(s["out"]) / name),
         "student": {"model": s["student"], "input_size": s["student_input"], "batch_size": s["batch_size"],
                     "lr": s["lr"], "crop_scale": s["crop_scale"], "workers": s["workers"], "device": s["device"],
-                    "amp": True, "pretrained": None, **student},
+                    "amp": True, "pretrained": None, "channels_last": s["channels_last"], "cache": s["cache"],
+                    "cache_dir": str(Path(s["out"]) / "cache"), **student},
     }
     return job_from_dict(raw, base=REPO)
 
@@ -286,7 +298,8 @@ def _bare_loop(rows: list[dict], num_classes: int, s: dict, epochs: int) -> dict
     t_start = time.perf_counter()
     device = torch.device(s["device"])
     torch.manual_seed(s["seed"])
-    model = timm.create_model(s["student"], pretrained=False, num_classes=num_classes).to(device)
+    memory_format = torch.channels_last if s["channels_last"] else torch.contiguous_format
+    model = timm.create_model(s["student"], pretrained=False, num_classes=num_classes).to(device, memory_format=memory_format)
     dc = resolve_data_config({"input_size": (3, s["student_input"], s["student_input"])}, model=model)
     transform = T.Compose([
         T.RandomResizedCrop(dc["input_size"][1:], scale=tuple(s["crop_scale"]), interpolation=str_to_interp_mode(dc["interpolation"])),
@@ -305,6 +318,7 @@ def _bare_loop(rows: list[dict], num_classes: int, s: dict, epochs: int) -> dict
         loss_sum = torch.zeros((), device=device)
         for x, y, p in loader:
             x, y, p = x.to(device, non_blocking=True), y.to(device, non_blocking=True), p.to(device, non_blocking=True)
+            x = x.contiguous(memory_format=memory_format)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = model(x)
             logits = logits.float()
@@ -399,9 +413,12 @@ def main() -> dict:
           flush=True)
     _write_manifest(out / "teacher_manifest.parquet", soft_rows)  # the manifest the students share, for inspection
     # (2) students on that manifest: distillation vs hard labels only
+    recipe = {"ema_decay": s["ema_decay"], "mixup": s["mixup"], "cutmix": s["cutmix"], "randaugment": s["randaugment"]}
     run("student-distilled", s["student"], f"train_unlabeled (teacher soft, a={s['distill_alpha']:g}, "
-        f"T={s['temperature']:g})", soft_rows, s["epochs"], distill_alpha=s["distill_alpha"], temperature=s["temperature"])
-    run("student-hard", s["student"], "train_unlabeled (teacher hard labels)", soft_rows, s["epochs"], distill_alpha=0.0)
+        f"T={s['temperature']:g})", soft_rows, s["epochs"], distill_alpha=s["distill_alpha"], temperature=s["temperature"],
+        **recipe)
+    run("student-hard", s["student"], "train_unlabeled (teacher hard labels)", soft_rows, s["epochs"], distill_alpha=0.0,
+        **recipe)
     # (3) supervised reference on labeled_pool alone
     run("reference", s["student"], "labeled_pool (labels)", labeled_rows, s["teacher_epochs"], distill_alpha=0.0)
     # (4) trainer vs bare loop
@@ -417,12 +434,13 @@ def main() -> dict:
     results["wall_s"] = time.perf_counter() - t_start
 
     print()
-    header = f"{'role':<18} {'model':<22} {'data':<46} {'px':>4} {'epochs':>6} {'top-1':>7} {'train img/s':>11} {'eval img/s':>10}"
+    header = (f"{'role':<18} {'model':<22} {'data':<46} {'px':>4} {'epochs':>6} {'top-1':>7} {'train img/s':>11} "
+              f"{'eval img/s':>10} {'wall s':>7}")
     print(header)
     print("-" * len(header))
     for role, r in m.items():
         print(f"{role:<18} {r['model']:<22} {r['data']:<46} {r['input']:>4} {r['epochs']:>6} {r['top1']:>7.4f} "
-              f"{r['train_images_per_s']:>11.0f} {r['eval_images_per_s']:>10.0f}")
+              f"{r['train_images_per_s']:>11.0f} {r['eval_images_per_s']:>10.0f} {r['train_s']:>7.0f}")
     print()
     print(f"throughput ({s['student']}, {speed['images']} images x {speed['epochs']} epochs, best of {speed['rounds']}, "
           f"batch {s['batch_size']}, {s['student_input']} px, {s['workers']} workers, {s['threads']} threads, {dev}):")
