@@ -5,7 +5,7 @@ import random
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGED_TEST = Path("/work/shared/data/eurosat/test")
+STAGED_TEST = REPO.parent / "shared" / "data" / "eurosat" / "test"
 SAMPLE_EVAL = REPO / "examples" / "data" / "eurosat-sample" / "eval"
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 
@@ -30,3 +30,16 @@ def eurosat_images(n: int, seed: int = 0, root: Path | None = None) -> list[tupl
     if not out:
         raise FileNotFoundError(f"no images under {root}; stage EuroSAT or keep examples/data/eurosat-sample.")
     return out
+
+
+def staged_root() -> Path:
+    """The staged EuroSAT folder holding labeled_pool/, train_unlabeled/ and test/: ``DISTILLERY_EUROSAT`` when
+    set, else ../shared/data/eurosat next to the repository."""
+    import os
+
+    explicit = os.environ.get("DISTILLERY_EUROSAT")
+    root = Path(explicit) if explicit else REPO.parent / "shared" / "data" / "eurosat"
+    if not all((root / d).is_dir() for d in ("labeled_pool", "train_unlabeled", "test")):
+        raise FileNotFoundError(f"EuroSAT folders not found in {str(root)!r}; set DISTILLERY_EUROSAT to a folder "
+                                "holding labeled_pool/, train_unlabeled/ and test/.")
+    return root.resolve()

@@ -9,11 +9,13 @@
 * cold start: ``import distillery.runtime`` + session creation (+ first prediction) in a fresh interpreter;
 * fast decode: JPEG draft mode vs full decode on large JPEGs made from EuroSAT images (upscaled, and
   mosaics of native tiles), time and pixel/logit differences;
-* the installed size of the runtime's dependencies (numpy, Pillow, onnxruntime and theirs).
+* the installed size of the runtime's dependencies (numpy, Pillow, onnxruntime and theirs);
+* where ``predict(path)`` spends its time: decode, resize + crop, to array + normalise, ``session.run``
+  and predict's own overhead, each timed on its own.
 
 The network is a *random-init* ``mobilenetv3_small_100`` exported through ``distillery.export``'s own
-fp32/int8 code path: speed figures are real, accuracy figures would not be, so none are claimed (INT8
-accuracy on EuroSAT needs a trained student: ``make export JOB=examples/eurosat.yaml``).
+fp32/int8 code path: speed figures are real, accuracy figures would not be, so none are claimed here.
+INT8/FP16/FP32 accuracy of a trained student on EuroSAT test/ is ``python -m bench export``.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ def _build_models(tmp: Path, class_names: list[str], calib_paths: list[str]):
     import torch
 
     from distillery.export.onnx import _export_fp32, _export_int8
+    from distillery.job import ExportCfg
     from distillery.runtime.preprocess import contract_from_data_config, preprocess
 
     torch.manual_seed(0)
@@ -52,7 +55,9 @@ def _build_models(tmp: Path, class_names: list[str], calib_paths: list[str]):
     fp32, int8 = tmp / "model.onnx", tmp / "model.int8.onnx"
     _export_fp32(model, config, 17, fp32, progress=False)
     contract = contract_from_data_config(data_config)
-    _export_int8(fp32, config, np.stack([preprocess(p, contract) for p in calib_paths]), int8)
+    cfg = ExportCfg()  # the export stage's default INT8 settings
+    _export_int8(fp32, config, np.stack([preprocess(p, contract) for p in calib_paths]), int8, cfg.int8_exclude,
+                 cfg.int8_reduce_range)
     return model, data_config, fp32, int8
 
 
@@ -61,6 +66,36 @@ def _per_image_ms(fn, items) -> float:
     for it in items:
         fn(it)
     return (time.perf_counter() - t0) / len(items) * 1e3
+
+
+def _breakdown(clf, paths: list[str], rounds: int = 2) -> dict:
+    """Where ``Classifier.predict(path)`` spends its time, per image: each step timed on its own, in the
+    order predict runs them, then predict itself on the same image; the rest is predict's own overhead
+    (input checks, softmax, top-k, result objects)."""
+    from distillery.runtime.preprocess import _open_path
+
+    pre, sess = clf._pre, clf.session
+    t = {"decode": 0.0, "resize_crop": 0.0, "to_array_normalize": 0.0, "session_run": 0.0, "predict": 0.0}
+    out = np.empty((1, 3, pre.height, pre.width), dtype=np.float32)
+    for _ in range(rounds):
+        for p in paths:
+            t0 = time.perf_counter()
+            img, _ = _open_path(p, pre._draft_size if pre.fast_decode else None)
+            t1 = time.perf_counter()
+            img = pre.image(img)  # (decoded at full size: EuroSAT tiles are never drafted)
+            t2 = time.perf_counter()
+            pre.normalize(np.asarray(img), out=out[0])
+            t3 = time.perf_counter()
+            sess.run([clf.output_name], {clf.input_name: out})
+            t4 = time.perf_counter()
+            clf.predict(p)
+            t5 = time.perf_counter()
+            for k, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                t[k] += dt
+    n = rounds * len(paths)
+    ms = {k: round(v / n * 1e3, 3) for k, v in t.items()}
+    ms["predict_overhead"] = round(ms["predict"] - sum(v for k, v in ms.items() if k != "predict"), 3)
+    return ms
 
 
 def _cold_start(model: Path, image: str) -> dict:
@@ -134,7 +169,6 @@ def _large_jpegs(tmp: Path, sources: list[Path], size=(2048, 1536)) -> dict[str,
 
 def main() -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import onnxruntime as ort
     import timm
     import torch
     from PIL import Image
@@ -155,12 +189,12 @@ def main() -> dict:
         tmp = Path(tmp_s)
         model, data_config, fp32, int8 = _build_models(tmp, class_names, calib)
         transform = timm.data.create_transform(**data_config)
-        # No spinning: onnxruntime's idle workers otherwise busy-wait for a while after each run and, on a
-        # 2-core machine, slow the PyTorch rounds interleaved with them (costs onnxruntime ~5% here).
-        opts = ort.SessionOptions()
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        clf = Classifier.load(fp32, providers=["CPUExecutionProvider"], session_options=opts)
-        clf8 = Classifier.load(int8, providers=["CPUExecutionProvider"], session_options=opts)
+        # The runtime's own session options (distillery.runtime.classifier.default_session_options): worker
+        # threads spin only while a run is in progress, so they take no CPU from the PyTorch rounds in between.
+        clf = Classifier.load(fp32, providers=["CPUExecutionProvider"])
+        clf8 = Classifier.load(int8, providers=["CPUExecutionProvider"])
+        res["onnxruntime_threads"] = (clf.session.get_session_options().intra_op_num_threads
+                                      or "default: one per physical core")
 
         def torch_e2e(p):
             with Image.open(p) as im:
@@ -206,6 +240,7 @@ def main() -> dict:
                 rt_split(p)
         e2e = {k: statistics.median(v) for k, v in rounds.items()}
         pre_share = split["pre"] / (split["pre"] + split["model"])
+        res["runtime_breakdown_ms"] = _breakdown(clf, paths)
 
         # model only, same preprocessed tensor
         xs = [clf.preprocess_batch([p]) for p in paths[:50]]
@@ -226,7 +261,7 @@ def main() -> dict:
                                 "onnxruntime_int8": round(m_int8, 3)}
         res["model_only_speedup_vs_torch"] = round(m_torch / m_ort, 2)
         res["int8_vs_fp32_model_speed"] = round(m_ort / m_int8, 2)
-        res["int8_accuracy"] = "not measured: random-init model; needs a trained student on EuroSAT test/"
+        res["int8_accuracy"] = "not measured here (random-init model): see `python -m bench export`"
         res["label_agreement_runtime_vs_torch"] = float(agree)
         res["preprocess_vs_timm_max_abs_diff"] = float(np.abs(ours - ref).max())
 
@@ -260,6 +295,9 @@ def main() -> dict:
          f"{res['end_to_end_speedup_vs_torch']:.1f}x faster (target >= 5x)"),
         ("preprocessing share of runtime e2e", f"{100 * res['preprocess_share']:.0f}%",
          f"{res['preprocess_ms']:.2f} ms (target <= 40%)"),
+        ("runtime predict(path), step by step", f"{res['runtime_breakdown_ms']['predict']:.2f} ms/image",
+         ", ".join(f"{k} {v:.2f}" for k, v in res["runtime_breakdown_ms"].items() if k != "predict")
+         + f" ms; onnxruntime threads: {res['onnxruntime_threads']}"),
         ("model only: torch / ort fp32 / ort int8", f"{m['torch']:.2f} / {m['onnxruntime_fp32']:.2f} / "
          f"{m['onnxruntime_int8']:.2f} ms", f"ort {res['model_only_speedup_vs_torch']:.1f}x torch; "
          f"int8 {res['int8_vs_fp32_model_speed']:.2f}x fp32"),
@@ -281,7 +319,7 @@ def main() -> dict:
     w = max(len(r[0]) for r in rows)
     for name, val, note in rows:
         print(f"  {name:<{w}}  {val:>22}  {note}")
-    print("  (random-init weights: speed only; accuracy and INT8 accuracy need a trained student)")
+    print("  (random-init weights: speed only; accuracy of a trained student per format: python -m bench export)")
     return res
 
 

@@ -20,7 +20,8 @@ __all__ = ["add_arguments", "run", "main"]
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``run`` arguments to ``p`` (so the top-level CLI can mount it as a subcommand)."""
     p.add_argument("model", metavar="MODEL",
-                   help="ONNX file written by `distillery export` (runs/<job>/export/model.onnx)")
+                   help="the export folder written by `distillery export` (runs/<job>/export: runs the format its "
+                        "report.json deploys) or one of its model files (model.onnx, model.int8.onnx, ...)")
     p.add_argument("images", metavar="IMAGE", nargs="+", help="image files to classify")
     p.add_argument("--json", action="store_true", help="print one JSON object per image instead of tab-separated text")
     p.add_argument("--topk", type=int, default=1, metavar="K", help="also print the next best K-1 classes (default 1)")

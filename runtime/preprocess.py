@@ -12,12 +12,15 @@ For ``crop: center`` (timm's default) the image is resized so its shorter side i
 non-square input size stores ``resize: [h, w]`` and resizes keeping the aspect ratio so that both
 sides cover ``[h, w]`` (timm ``ResizeKeepRatio``). ``crop: squash`` resizes to exactly
 ``resize: [h, w]`` before the centre crop. Pixels are then divided by ``scale`` and normalised
-with ``mean``/``std`` per channel, giving a ``(3, H, W)`` float32 array.
+with ``mean``/``std`` per channel, giving a ``(3, H, W)`` float32 array (the runtime computes this as
+one multiply-add per value, equal to timm's up to float32 rounding; see :class:`Preprocessor`).
 """
 from __future__ import annotations
 
 import math
 import os
+from fractions import Fraction
+from functools import lru_cache
 from typing import Any, Union
 
 import numpy as np
@@ -230,13 +233,56 @@ def _resized_size(w: int, h: int, resize: int | list[int], crop: str) -> tuple[i
     return round(w / ratio), round(h / ratio)
 
 
-class Preprocessor:
-    """A contract's preprocessing, with its per-channel lookup table built once.
+def _is_dyadic(ratio: Fraction) -> bool:
+    """``ratio`` is m / 2**k: every multiple of it by a half-integer below 2**20 is an exact float."""
+    d = ratio.denominator
+    return d & (d - 1) == 0 and ratio.numerator < 2 ** 20 and d <= 2 ** 20
 
-    ``Preprocessor(contract)(image)`` equals timm's eval transform bit for bit: normalisation is a
-    (3, 256) table of ``(v / scale - mean) / std`` computed with the same float32 operations, indexed
-    by the uint8 pixels (3x faster than the float arithmetic on a 224 px image). It holds no mutable
-    state, so one instance may be shared by threads.
+
+@lru_cache(maxsize=256)
+def _plan(w: int, h: int, resize: int | tuple[int, int], crop: str, th: int, tw: int):
+    """How an image of ``w x h`` pixels becomes ``th x tw``: ``(resized (w, h), crop (left, top), box)``.
+
+    ``box`` is the source rectangle for ONE ``Image.resize(size=(tw, th), box=box)`` call that gives exactly the
+    pixels of resize-then-centre-crop, or None where that is not guaranteed. Pillow computes each output
+    pixel's filter centre as ``box_left + (x + 0.5) * box_width / tw``; the two-step path computes
+    ``(left + x + 0.5) * w / resized_w``. Both give the same float -- hence the same integer filter
+    coefficients and pixels -- when ``w / resized_w`` (and ``h / resized_h``) is a dyadic fraction, where
+    every one of these products and sums is exact (e.g. 64 -> 256 px: 1/4), and when Pillow runs its two
+    passes in the same order for both calls (:func:`_horizontal_first`). Otherwise (or when the crop needs
+    zero padding) the caller resizes and crops in two steps, as torchvision does.
+    """
+    new_w, new_h = _resized_size(w, h, list(resize) if isinstance(resize, tuple) else resize, crop)
+    left, top = int(round((new_w - tw) / 2.0)), int(round((new_h - th) / 2.0))
+    box = None
+    sx, sy = Fraction(w, new_w), Fraction(h, new_h)
+    if (new_w >= tw and new_h >= th and _is_dyadic(sx) and _is_dyadic(sy)
+            and _horizontal_first(w, h, new_w, new_h) and _horizontal_first(w, h, tw, th)):
+        box = (float(left * sx), float(top * sy), float((left + tw) * sx), float((top + th) * sy))
+    return (new_w, new_h), (left, top), box
+
+
+def _horizontal_first(w: int, h: int, out_w: int, out_h: int) -> bool:
+    """Whether Pillow resamples ``w x h -> out_w x out_h`` horizontally first (the order changes the rounding).
+
+    Pillow >= 13 runs the vertical pass first when the height shrinks by more than twice the width's
+    shrinkage (libImaging/Resample.c); earlier versions always go horizontally first. The one-call path is
+    only taken where both versions run both calls horizontally first.
+    """
+    return not (h - out_h > 0 and h - out_h > (w - out_w) * 2)
+
+
+class Preprocessor:
+    """A contract's preprocessing: decode, resize + centre crop (Pillow), normalise (numpy) into float32 CHW.
+
+    Resize and crop equal timm's eval transform pixel for pixel: where the geometry allows it they run as one
+    ``Image.resize(box=...)`` call over just the cropped region (see :func:`_plan`; 20% faster on EuroSAT's
+    64 px tiles), else as resize then crop. Normalisation is one fused expression,
+    ``pixels * (1 / (scale * std)) + (-mean / std)`` in float32, written straight into the output buffer
+    with the HWC -> CHW transpose folded in. It differs from timm's ``(pixels / scale - mean) / std`` only by
+    float32 rounding: at most 4.8e-7 with ImageNet's mean/std (checked over all 256 values), for about half
+    the time of that three-pass form and a third of a per-channel lookup table's. It holds no mutable state,
+    so one instance may be shared by threads.
 
     ``fast_decode=True`` lets JPEG files decode at 1/2, 1/4 or 1/8 scale (draft mode) when they are at
     least ``2 * DRAFT_MARGIN`` times larger than the resize target, keeping ``DRAFT_MARGIN`` times the target
@@ -249,14 +295,20 @@ class Preprocessor:
         self.contract = check_contract(contract)
         self.fast_decode = bool(fast_decode)
         _, self.height, self.width = contract["input_size"]
+        resize = contract["resize"]
+        self._resize_key = tuple(resize) if isinstance(resize, list) else resize  # hashable, for _plan's cache
         scale = np.float32(contract.get("scale", 255))
-        mean = np.asarray(contract["mean"], dtype=np.float32)[:, None]
-        std = np.asarray(contract["std"], dtype=np.float32)[:, None]
-        self._lut = np.ascontiguousarray((np.arange(256, dtype=np.float32)[None, :] / scale - mean) / std)  # (3, 256)
+        mean = np.asarray(contract["mean"], dtype=np.float32).reshape(3, 1, 1)
+        std = np.asarray(contract["std"], dtype=np.float32).reshape(3, 1, 1)
+        self._mul = (np.float32(1) / (scale * std)).astype(np.float32)  # (3, 1, 1)
+        self._add = (-mean / std).astype(np.float32)
         self._filter = INTERPOLATIONS[contract["interpolation"]]
 
+    def _plan(self, w: int, h: int):
+        return _plan(w, h, self._resize_key, self.contract["crop"], self.height, self.width)
+
     def _draft_size(self, w: int, h: int) -> tuple[int, int]:
-        new_w, new_h = _resized_size(w, h, self.contract["resize"], self.contract["crop"])
+        (new_w, new_h), _, _ = self._plan(w, h)
         return DRAFT_MARGIN * new_w, DRAFT_MARGIN * new_h
 
     def image(self, image: ImageInput) -> Image.Image:
@@ -266,23 +318,32 @@ class Preprocessor:
         else:
             img = load_image(image)
             w, h = img.size
-        new_w, new_h = _resized_size(w, h, self.contract["resize"], self.contract["crop"])
+        (new_w, new_h), (left, top), box = self._plan(w, h)
+        size = (self.width, self.height)
         if img.size != (w, h):  # drafted: map the file's full extent (the last block may be partial) exactly
             sx, sy = w / img.width, h / img.height
             s = float(min((1, 2, 4, 8), key=lambda v: abs(v - sx)))
-            img = img.resize((new_w, new_h), self._filter, box=(0, 0, w / s, h / s))
-        elif (new_w, new_h) != img.size:
+            fx, fy = w / s / new_w, h / s / new_h  # drafted pixels per resized pixel
+            # drafted pixels are approximate anyway, so resize + crop are always one call here
+            return img.resize(size, self._filter, box=(left * fx, top * fy, (left + self.width) * fx,
+                                                       (top + self.height) * fy))
+        if box is not None:  # resize + crop in one call, same pixels (see _plan)
+            return img.resize(size, self._filter, box=box)
+        if (new_w, new_h) != img.size:
             img = img.resize((new_w, new_h), self._filter)
         return _center_crop(img, self.height, self.width)
 
+    def normalize(self, pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``(H, W, 3)`` uint8 pixels -> ``(3, H, W)`` float32 (written into ``out`` when given)."""
+        if out is None:
+            out = np.empty((3,) + pixels.shape[:2], dtype=np.float32)
+        np.multiply(pixels.transpose(2, 0, 1), self._mul, out=out, dtype=np.float32)
+        np.add(out, self._add, out=out)
+        return out
+
     def __call__(self, image: ImageInput, out: np.ndarray | None = None) -> np.ndarray:
         """One image -> ``(3, H, W)`` float32 (written into ``out`` when given)."""
-        pixels = np.asarray(self.image(image))  # (H, W, 3) uint8
-        if out is None:
-            out = np.empty((3, self.height, self.width), dtype=np.float32)
-        for c in range(3):
-            np.take(self._lut[c], pixels[..., c], out=out[c])
-        return out
+        return self.normalize(np.asarray(self.image(image)), out)
 
     def batch(self, images: list[ImageInput]) -> np.ndarray:
         """A list of images -> ``(B, 3, H, W)`` float32, filled in place (no stacking copy)."""
@@ -293,8 +354,9 @@ class Preprocessor:
 
 
 def preprocess(image: ImageInput, contract: dict[str, Any], fast_decode: bool = False) -> np.ndarray:
-    """One image -> ``(3, H, W)`` float32 array, exactly as timm's eval transform for this contract
-    (approximately for large JPEG files with ``fast_decode=True``; see :class:`Preprocessor`)."""
+    """One image -> ``(3, H, W)`` float32 array: timm's eval transform for this contract (same pixels, float32
+    rounding in the normalisation; approximate pixels for large JPEG files with ``fast_decode=True``; see
+    :class:`Preprocessor`)."""
     return Preprocessor(contract, fast_decode)(image)
 
 

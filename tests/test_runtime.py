@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,6 +115,61 @@ def test_preprocess_matches_timm_eval_transform(data_config):
         assert ours.dtype == np.float32
         diff = np.abs(ours - ref)
         assert diff.max() <= 1e-5, f"{h}x{w} {mode}: max |diff| {diff.max():.3g}, mean {diff.mean():.3g}"
+
+
+SAMPLE_EVAL = Path(__file__).resolve().parents[1] / "examples" / "data" / "eurosat-sample" / "eval"
+
+
+def _timm_pixels(transform, img):
+    """timm's eval transform up to (not including) ToTensor/Normalize: the uint8 pixels the network sees."""
+    for t in transform.transforms:
+        if type(t).__name__ in ("ToTensor", "MaybeToTensor", "Normalize"):
+            break
+        img = t(img)
+    return np.asarray(img)
+
+
+def test_preprocess_matches_timm_on_real_eurosat_images():
+    """The deployed geometry (64 px JPEG tiles -> resize 256 -> crop 224, bicubic) on real images: the same
+    pixels as timm's transform (here through the one-call resize + crop), tensors within float32 rounding."""
+    timm_data = pytest.importorskip("timm.data")
+    from distillery.runtime.preprocess import Preprocessor
+
+    data_config = {**DATA_CONFIG, "input_size": (3, 224, 224), "interpolation": "bicubic"}
+    transform = timm_data.create_transform(**data_config)
+    pre = Preprocessor(contract_from_data_config(data_config))
+    paths = sorted(SAMPLE_EVAL.rglob("*.jpg"))[::10]
+    assert len(paths) >= 10
+    worst = 0.0
+    for p in paths:
+        with Image.open(p) as im:
+            rgb = im.convert("RGB")
+        assert pre._plan(*rgb.size)[2] is not None  # 64 -> 256 is a dyadic 1/4: the one-call path
+        np.testing.assert_array_equal(np.asarray(pre.image(str(p))), _timm_pixels(transform, rgb))
+        worst = max(worst, float(np.abs(pre(str(p)) - transform(rgb).numpy()).max()))
+    assert worst <= 1e-6, f"max |Δ| {worst:.3g} vs timm on {len(paths)} EuroSAT images"
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "nearest", "lanczos"])
+@pytest.mark.parametrize("input_size,crop_pct,image_wh,one_call", [
+    ((3, 224, 224), 0.875, (64, 64), True),     # EuroSAT tiles: 64 -> 256 is 1/4
+    ((3, 224, 224), 0.875, (128, 96), False),   # 96 -> 256 is 3/8, but 128 -> 341 is not dyadic
+    ((3, 48, 48), 0.75, (128, 128), True),      # downscale by 2
+    ((3, 32, 32), 1.0, (64, 128), False),       # Pillow >= 13 would run the one call's vertical pass first
+    ((3, 32, 32), 1.0, (37, 53), False),        # not dyadic
+    ((3, 32, 48), 0.875, (27, 18), True),       # non-square input (timm ResizeKeepRatio to 54 x 36): 1/2
+], ids=["64-224", "128x96-224", "down2-48", "vertical-first", "37x53", "nonsquare"])
+def test_one_call_resize_and_crop_gives_timms_pixels(interpolation, input_size, crop_pct, image_wh, one_call):
+    """Resize + centre crop as one ``Image.resize(box=...)`` call is used only where it gives the same pixels."""
+    timm_data = pytest.importorskip("timm.data")
+    from distillery.runtime.preprocess import Preprocessor
+
+    data_config = {**DATA_CONFIG, "input_size": input_size, "crop_pct": crop_pct, "interpolation": interpolation}
+    pre = Preprocessor(contract_from_data_config(data_config))
+    img = random_image(image_wh[1], image_wh[0], seed=3)
+    assert (pre._plan(*image_wh)[2] is not None) == one_call, pre._plan(*image_wh)
+    expected = _timm_pixels(timm_data.create_transform(**data_config), img)
+    np.testing.assert_array_equal(np.asarray(pre.image(img)), expected)
 
 
 def test_preprocess_accepts_paths_pil_and_arrays(image_files):

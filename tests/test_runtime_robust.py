@@ -216,6 +216,41 @@ def test_cuda_fallback_to_cpu_is_detected(model_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
+# Export folders: the runtime loads the format the export chose to deploy
+
+
+def test_export_folder_loads_the_deployed_file(tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    make_linear_onnx(folder / "model.onnx")
+    img = tmp_path / "x.png"
+    random_image(30, 30).save(img)
+    assert Classifier.load(folder, providers=CPU).path == str(folder / "model.onnx")  # no report: model.onnx
+    shutil.copy(folder / "model.onnx", folder / "model.int8.onnx")
+    report = {"formats": {}, "deploy": {"format": "int8", "file": "model.int8.onnx", "why": "int8: fastest"}}
+    (folder / "report.json").write_text(json.dumps(report))
+    assert Classifier.load(folder, providers=CPU).path == str(folder / "model.int8.onnx")
+    assert run_main([str(folder), str(img)]) == 0 and capsys.readouterr().out.startswith(str(img))
+    (folder / "model.int8.onnx").unlink()
+    with pytest.raises(FileNotFoundError, match="deploys 'model.int8.onnx', which is missing"):
+        Classifier.load(folder)
+    (folder / "report.json").write_text(json.dumps({"deploy": {"format": None, "file": None,
+                                                               "why": "no format passed its parity gate"}}))
+    with pytest.raises(ValueError, match="deploys no model.*no format passed"):
+        Classifier.load(folder)
+    assert run_main([str(folder), str(img)]) == 2 and "deploys no model" in capsys.readouterr().err
+    (folder / "report.json").write_text("{broken")
+    with pytest.raises(ValueError, match="not a readable export report"):
+        Classifier.load(folder)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no report.json deploy entry and no model.onnx"):
+        Classifier.load(empty)
+
+
+# ----------------------------------------------------------------------------------------------
 # Fast decode
 
 
