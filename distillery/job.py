@@ -143,6 +143,8 @@ class ExportCfg:
     min_agreement: dict[str, float] = field(default_factory=lambda: {"fp32": 0.995, "fp16": 0.995, "int8": 0.98})
     parity_images: int = 64  # held-aside real domain images used for the parity check
     calibration_images: int = 128  # INT8 calibration images, class-balanced from the pseudo-labeled domain images
+    int8_exclude: list[str] = field(default_factory=lambda: ["first_conv", "classifier"])  # layers kept in float in the INT8 model: first_conv, classifier (last Gemm/MatMul) or ONNX node names
+    int8_reduce_range: bool = True  # 7-bit INT8 weights: avoids the saturating uint8 x int8 sums of x86 CPUs without VNNI (AVX2/AVX-512)
     tensorrt: list[str] = field(default_factory=lambda: ["fp16", "int8"])  # engines to build where TensorRT + a GPU exist ([] = none); int8 only when int8 is exported
     tensorrt_batch: list[int] = field(default_factory=lambda: [1, 8, 32])  # min / opt / max batch of the engine's profile
     tensorrt_workspace_mb: int = 1024  # TensorRT builder workspace

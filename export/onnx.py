@@ -4,8 +4,9 @@
 runs/<job>/student/model.safetensors + config.json
     -> runs/<job>/export/model.onnx        fp32, dynamic batch, input "input" (B,3,H,W) -> "logits" (B,K)
        runs/<job>/export/model.fp16.onnx   when "fp16" in export.formats (float32 inputs/outputs kept)
-       runs/<job>/export/model.int8.onnx   when "int8" in export.formats (static QDQ, calibrated)
-       runs/<job>/export/report.json       parity per format + TensorRT status
+       runs/<job>/export/model.int8.onnx   when "int8" in export.formats (static QDQ, calibrated; export.int8_exclude
+                                           layers -- by default the first conv and the classifier -- kept in float)
+       runs/<job>/export/report.json       parity per format, the deploy choice, TensorRT status
 ```
 
 Every file carries a ``distillery`` metadata entry: a JSON string with the class names, the
@@ -16,6 +17,13 @@ Parity images are real domain images, class-balanced by pseudo-label, preprocess
 tests the code apps will run. INT8 calibration images are drawn the same way, disjoint from the
 parity images when there are enough.
 
+After the parity gate, every format that passed it is timed with onnxruntime on this machine's CPU
+(batch 1, the parity images, rounds interleaved across formats) and the fastest is recorded as
+``report["deploy"]`` -- format, file, why, timings and gate figures -- and said in one line. A format
+that failed its gate is never chosen; a less precise format must be ``export.deploy_tolerance`` faster
+than a more precise passing one to win (on a near-tie the more precise one is deployed). The runtime
+loads that file when given the export folder (``Classifier.load("runs/<job>/export")``).
+
 The exporter is ``torch.onnx.export(..., dynamo=False)`` (TorchScript tracing): it honours the
 requested opset and takes well under a second on a small CNN. The dynamo exporter works offline
 too but always emits opset >= 18 (its down-conversion to 17 fails on timm models) and takes
@@ -24,6 +32,8 @@ too but always emits opset >= 18 (its down-conversion to 17 fails on timm models
 from __future__ import annotations
 
 import json
+import os
+import platform
 import random
 import tempfile
 import warnings
@@ -38,11 +48,12 @@ from distillery.runtime.classifier import METADATA_KEY, Classifier
 from distillery.runtime.preprocess import contract_from_data_config, preprocess
 
 __all__ = ["export_onnx", "ExportGateError", "balanced_sample", "build_metadata", "parity",
-           "FORMAT_FILES"]
+           "FORMAT_FILES", "choose_deploy", "time_formats"]
 
 STAGE = "export"
-EXPORT_VERSION = "1"  # bump when the export itself changes, so stale exports are redone
+EXPORT_VERSION = "2"  # bump when the export itself changes, so stale exports are redone (2: deploy choice)
 FORMAT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+PRECISION_ORDER = ("fp32", "fp16", "int8")  # most precise first: the deploy choice's tie-break
 DEFAULT_MIN_AGREEMENT = {"fp32": 0.995, "fp16": 0.995, "int8": 0.98}
 HINTS = {
     "fp32": "fp32 should match PyTorch almost exactly, so a large max |Δlogit| points at an operator the exporter "
@@ -50,9 +61,9 @@ HINTS = {
             "class ties and you can lower export.min_agreement.fp32",
     "fp16": "half precision loses too much for this model: keep fp32, drop fp16 from export.required, "
             "or lower export.min_agreement.fp16",
-    "int8": "quantisation loses too much: give more/more varied unlabeled images (calibration uses "
-            "export.calibration_images class-balanced pseudo-labeled ones), drop int8 from export.required, "
-            "or lower export.min_agreement.int8",
+    "int8": "quantisation loses too much: keep more layers in float (export.int8_exclude: first_conv, classifier "
+            "or node names), give more/more varied unlabeled images (calibration uses export.calibration_images "
+            "class-balanced pseudo-labeled ones), drop int8 from export.required, or lower export.min_agreement.int8",
 }
 
 
@@ -240,8 +251,36 @@ def _toposort(graph) -> None:
     graph.node.extend(nodes)
 
 
-def _export_int8(src: Path, config: dict, calib: np.ndarray, out: Path) -> None:
-    """Static INT8 (QDQ, per-channel weights) calibrated with MinMax on real, class-balanced images."""
+INT8_EXCLUDE_KEYWORDS = ("first_conv", "classifier")
+
+
+def _int8_excluded_nodes(model, exclude: list[str]) -> list[str]:
+    """ONNX node names for ``export.int8_exclude``: "first_conv" (the first Conv), "classifier" (the last
+    Gemm/MatMul) or node names; ValueError naming what does not exist."""
+    nodes = list(model.graph.node)
+    names = {n.name for n in nodes}
+    out = []
+    for item in exclude:
+        if item == "first_conv":
+            found = [n.name for n in nodes if n.op_type == "Conv"][:1]
+        elif item == "classifier":
+            found = [n.name for n in nodes if n.op_type in ("Gemm", "MatMul")][-1:]
+        else:
+            found = [item] if item in names else []
+        if not found:
+            raise ValueError(f"export.int8_exclude: {item!r} matches no node of the model; use "
+                             f"{' or '.join(INT8_EXCLUDE_KEYWORDS)}, or ONNX node names such as "
+                             f"{[n.name for n in nodes if n.op_type == 'Conv'][:2]}.")
+        out += [f for f in found if f not in out]
+    return out
+
+
+def _export_int8(src: Path, config: dict, calib: np.ndarray, out: Path, exclude: list[str] = (),
+                 reduce_range: bool = False) -> dict:
+    """Static INT8 (QDQ, per-channel int8 weights, uint8 activations) calibrated with MinMax on real,
+    class-balanced images. ``exclude``: layers kept in float (see :func:`_int8_excluded_nodes`);
+    ``reduce_range``: 7-bit weights, which keeps x86 CPUs without VNNI (AVX2, AVX-512) from saturating the
+    int16 sums of their uint8 x int8 kernels. Returns what was done (for the report)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -260,13 +299,17 @@ def _export_int8(src: Path, config: dict, calib: np.ndarray, out: Path) -> None:
         except Exception as e:
             log(f"{STAGE}: int8 pre-processing failed ({type(e).__name__}: {e}); quantising the fp32 graph as is")
             pre = src
+        excluded = _int8_excluded_nodes(onnx.load(str(pre)), list(exclude))
         quantize_static(str(pre), str(q), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=excluded, reduce_range=reduce_range)
         proto = onnx.load(str(q))
     _set_metadata(proto, build_metadata(config, "int8"))
     onnx.checker.check_model(proto)
     with atomic_path(out) as tmp:
         onnx.save_model(proto, str(tmp))
+    return {"calibration": "minmax", "per_channel": True, "reduce_range": bool(reduce_range),
+            "excluded_nodes": excluded}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,6 +338,105 @@ def _torch_logits(model, batch: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
+# Deploy choice
+
+
+def time_formats(files: dict[str, Path], images: np.ndarray, seconds: float = 1.0) -> dict[str, float]:
+    """Median milliseconds per image of each model file on onnxruntime's CPU provider at batch 1.
+
+    Each format gets the same warm-up, then rounds over the same images (up to 16 of ``images``) interleaved
+    across formats, so machine noise hits them alike; at least 3 rounds, then until about ``seconds`` per
+    format is spent. Model time only: the preprocessing is the same for every format.
+    """
+    import statistics
+    import time
+
+    clfs = {f: Classifier.load(p, providers=["CPUExecutionProvider"]) for f, p in files.items()}
+    xs = [images[i:i + 1] for i in range(min(len(images), 16))]
+    for clf in clfs.values():  # warm-up: first runs allocate and tune
+        for x in xs[:4]:
+            clf.predict_logits(x)
+    rounds: dict[str, list[float]] = {f: [] for f in clfs}
+    start = time.perf_counter()
+    while True:
+        for f, clf in clfs.items():
+            t0 = time.perf_counter()
+            for x in xs:
+                clf.predict_logits(x)
+            rounds[f].append((time.perf_counter() - t0) / len(xs) * 1e3)
+        done = len(rounds[next(iter(rounds))])
+        if done >= 3 and (time.perf_counter() - start >= seconds * len(clfs) or done >= 200):
+            break
+    return {f: float(statistics.median(v)) for f, v in rounds.items()}
+
+
+def _gate_figures(res: dict) -> dict:
+    keep = ("built", "passed", "agreement", "min_agreement", "max_abs_diff", "mean_abs_diff", "n_images", "error")
+    return {k: res[k] for k in keep if k in res}
+
+
+def choose_deploy(gates: dict[str, dict], files: dict[str, Path], images: np.ndarray, *, seconds: float = 1.0,
+                  tolerance: float = 0.05, timer=time_formats) -> dict[str, Any]:
+    """Pick the format to deploy: the fastest of those that passed their parity gate, on this machine's CPU.
+
+    ``gates``: the report's per-format results (``built``, ``passed``, ``agreement``, ``min_agreement`` ...).
+    ``timer(files, images, seconds) -> {format: ms per image}`` (:func:`time_formats`; injectable for tests).
+    A format that failed (or was not built) is never timed or chosen. A less precise format wins only when
+    it is more than ``tolerance`` faster than every more precise passing one; ``seconds <= 0`` skips timing
+    and deploys the most precise passing format. Returns the report's ``deploy`` entry.
+    """
+    passing = [f for f in PRECISION_ORDER if f in gates and gates[f].get("built", True) and gates[f].get("passed")]
+    others = []
+    for f in (f for f in PRECISION_ORDER if f in gates and f not in passing):
+        g = gates[f]
+        others.append(f"{f} not built ({g.get('error', 'failed')})" if not g.get("built", True) else
+                      f"{f} failed its gate (agreement {g['agreement']:.4f} < {g['min_agreement']})")
+    entry: dict[str, Any] = {"format": None, "file": None, "path": None, "why": "", "timings_ms": {},
+                             "speed_vs_fp32": {}, "provider": "CPUExecutionProvider", "batch": 1,
+                             "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs", "tolerance": tolerance,
+                             "gates": {f: _gate_figures(g) for f, g in gates.items()}}
+    if not passing:
+        entry["why"] = "no format passed its parity gate" + (f" ({'; '.join(others)})" if others else "")
+        return entry
+    if seconds > 0:
+        budget = seconds if len(passing) > 1 else 0.0  # one candidate: a few rounds, just to report its time
+        timings = {f: float(t) for f, t in timer({f: files[f] for f in passing}, images, budget).items()}
+        missing = [f for f in passing if not (f in timings and np.isfinite(timings[f]) and timings[f] > 0)]
+        if missing:
+            raise ValueError(f"deploy timing returned no usable time for {missing}: {timings}")
+        fastest = min(timings[f] for f in passing)
+        chosen = next(f for f in passing if timings[f] <= fastest * (1 + tolerance))  # most precise near the best
+        entry["timings_ms"] = {f: round(timings[f], 4) for f in passing}
+        if "fp32" in timings:
+            entry["speed_vs_fp32"] = {f: round(timings["fp32"] / timings[f], 3) for f in passing}
+        t = timings[chosen]
+        if len(passing) == 1:
+            why = f"the only format that passed its gate ({t:.2f} ms/image)"
+        elif timings[chosen] == fastest:
+            why = f"the fastest format that passed its gate ({t:.2f} ms/image)"
+        else:
+            why = (f"the most precise format within {tolerance:.0%} of the fastest passing one "
+                   f"({t:.2f} ms/image)")
+        for f in passing:
+            if f == chosen:
+                continue
+            ratio = t / timings[f]  # f's speed relative to the chosen format
+            if timings[f] < t:
+                others.insert(0, f"{f} passed its gate and ran {ratio:.2f}x {chosen}'s speed, within the "
+                                 f"{tolerance:.0%} tolerance")
+            else:
+                others.insert(0, f"{f} passed its gate but ran {ratio:.2f}x {chosen}'s speed")
+        why += " on this CPU (onnxruntime, batch 1)"
+    else:
+        chosen = passing[0]
+        why = "the most precise format that passed its gate (export.deploy_timing_s is 0: no timing)"
+        others = [f"{f} passed its gate, not timed" for f in passing[1:]] + others
+    entry.update(format=chosen, file=files[chosen].name, path=str(files[chosen]),
+                 why=f"{chosen}: {why}" + (f"; {'; '.join(others)}" if others else ""))
+    return entry
+
+
+# ----------------------------------------------------------------------------------------------
 # The stage
 
 
@@ -314,6 +456,9 @@ def export_onnx(job, *, progress: bool = True) -> dict:
     formats = list(dict.fromkeys(["fp32", *cfg.formats]))  # fp32 is the source of the others
     files = {f: out_dir / FORMAT_FILES[f] for f in formats}
 
+    if not (cfg.deploy_timing_s >= 0 and cfg.deploy_tolerance >= 0):
+        raise ValueError(f"export.deploy_timing_s / export.deploy_tolerance: must be >= 0, got {cfg.deploy_timing_s} / "
+                         f"{cfg.deploy_tolerance} (e.g. 1.0 s of timing per format, 0.05 = 5%).")
     if cfg.parity_images < 1:
         raise ValueError(f"export.parity_images: must be >= 1, got {cfg.parity_images}; parity is what makes the "
                          "export trustworthy (64 is a good default).")
@@ -371,7 +516,8 @@ def export_onnx(job, *, progress: bool = True) -> dict:
                 _export_fp16(files["fp32"], config, files["fp16"])
             elif fmt == "int8":
                 calib = np.stack([preprocess(p, contract) for p in calib_paths])
-                _export_int8(files["fp32"], config, calib, files["int8"])
+                info["int8_quantization"] = _export_int8(files["fp32"], config, calib, files["int8"], cfg.int8_exclude,
+                                            cfg.int8_reduce_range)
         except Exception as e:
             if fmt in cfg.required:
                 raise RuntimeError(f"{STAGE}: building the required {fmt} model failed: {e}. Drop {fmt} from "
@@ -408,6 +554,15 @@ def export_onnx(job, *, progress: bool = True) -> dict:
             log(f"{STAGE}: {fmt}: {line}{'' if res['passed'] else ' -- FAILED'}")
         if not res["passed"] and fmt in cfg.required:
             failed.append((fmt, line))
+    if failed:  # the export fails anyway: no time spent on a choice nobody gets
+        report["deploy"] = {"format": None, "file": None, "path": None,
+                            "why": f"not chosen: required format(s) {', '.join(f for f, _ in failed)} failed the gate",
+                            "gates": {f: _gate_figures(r) for f, r in report["formats"].items()}}
+    else:
+        report["deploy"] = choose_deploy(report["formats"], files, batch, seconds=cfg.deploy_timing_s,
+                                         tolerance=cfg.deploy_tolerance)
+    dep = report["deploy"]
+    log(f"{STAGE}: deploy{' ' + dep['file'] if dep['file'] else ''}: {dep['why']}")
     report["tensorrt"] = _tensorrt_engines(files["fp32"], out_dir, config, formats, calib_paths, contract,
                                            reference, batch, progress, cfg)
     report["onnxruntime"] = _onnxruntime_status()

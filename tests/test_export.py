@@ -19,7 +19,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from distillery.export import ExportGateError, export_onnx  # noqa: E402
-from distillery.export.onnx import _load_student, balanced_sample  # noqa: E402
+from distillery.export.onnx import _load_student, balanced_sample, choose_deploy  # noqa: E402
 from distillery.job import job_from_dict, settings_hash  # noqa: E402
 from distillery.rundir import RunPaths, sha256_file, write_json, write_table  # noqa: E402
 from distillery.runtime import Classifier  # noqa: E402
@@ -84,7 +84,8 @@ def make_export_job(tmp_path, name="t", pseudo_labels=True, **export):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("export")
-    job, paths, images = make_export_job(tmp_path, formats=["fp32", "fp16", "int8"], required=["fp32"], parity_images=9)
+    job, paths, images = make_export_job(tmp_path, formats=["fp32", "fp16", "int8"], required=["fp32"], parity_images=9,
+                                         deploy_timing_s=0.05)
     report = export_onnx(job, progress=False)
     return job, paths, images, report
 
@@ -153,7 +154,89 @@ def test_fp16_and_int8(exported):
         assert len(clf.predict([str(p) for p in images[:2]])) == 2
     # fp16 keeps logits close; a random net's int8 error is only required to be bounded
     assert report["formats"]["fp16"]["max_abs_diff"] < 0.05, report["formats"]["fp16"]
+    # export.int8_exclude's default keeps the first conv and the classifier in float: their weights are no
+    # DequantizeLinear output, while every other Conv's are
+    q = onnx.load(str(paths.export / "model.int8.onnx"))
+    made_by = {o: n.op_type for n in q.graph.node for o in n.output}
+    weight_src = {n.name: made_by.get(n.input[1], "initializer") for n in q.graph.node if n.op_type in ("Conv", "Gemm")}
+    excluded = report["int8_quantization"]["excluded_nodes"]
+    assert len(excluded) == 2 and excluded[0].endswith("Conv") and excluded[1].endswith("Gemm"), excluded
+    assert report["int8_quantization"]["reduce_range"] is True
+    assert {n for n, src in weight_src.items() if src != "DequantizeLinear"} == set(excluded), weight_src
     assert report["calibration_images"] == 3  # the 12 images minus the 9 parity ones
+
+
+def test_deploy_entry_names_a_passing_format_the_runtime_loads(exported):
+    _, paths, images, report = exported
+    dep = report["deploy"]
+    passing = {f for f, r in report["formats"].items() if r["passed"]}
+    assert dep["format"] in passing and dep["file"] == Path(report["formats"][dep["format"]]["path"]).name
+    assert set(dep["timings_ms"]) == passing and all(t > 0 for t in dep["timings_ms"].values())
+    assert min(dep["timings_ms"].values()) * (1 + dep["tolerance"]) >= dep["timings_ms"][dep["format"]]
+    assert dep["why"].startswith(dep["format"] + ": ") and set(dep["gates"]) == set(report["formats"])
+    clf = Classifier.load(paths.export, providers=["CPUExecutionProvider"])  # the folder: the deployed file
+    assert clf.path == str(paths.export / dep["file"]) and clf.format == dep["format"]
+    assert len(clf.predict([str(images[0])])) == 1
+
+
+def _gates(**passed):
+    """Report-like gate results: fmt=True/False (built, passed or failed), fmt=None (build failed)."""
+    out = {}
+    for f, ok in passed.items():
+        out[f] = ({"built": False, "error": "RuntimeError: boom", "passed": False, "min_agreement": 0.98}
+                  if ok is None else {"built": True, "passed": ok, "agreement": 1.0 if ok else 0.5,
+                                      "min_agreement": 0.98, "max_abs_diff": 0.01})
+    return out
+
+
+class FakeTimer:
+    """Deterministic stand-in for time_formats: fixed ms per format; records what it was asked to time."""
+
+    def __init__(self, ms):
+        self.ms, self.asked = ms, []
+
+    def __call__(self, files, images, seconds):
+        self.asked.append(sorted(files))
+        return {f: self.ms[f] for f in files}
+
+
+FILES = {f: Path("/x") / n for f, n in {"fp32": "model.onnx", "fp16": "model.fp16.onnx",
+                                        "int8": "model.int8.onnx"}.items()}
+
+
+def test_deploy_picks_the_fastest_passing_format():
+    timer = FakeTimer({"fp32": 3.0, "fp16": 9.0, "int8": 2.0})
+    dep = choose_deploy(_gates(fp32=True, fp16=True, int8=True), FILES, np.zeros((2, 3, 4, 4)), timer=timer)
+    assert dep["format"] == "int8" and dep["file"] == "model.int8.onnx" and dep["path"] == str(FILES["int8"])
+    assert dep["timings_ms"] == {"fp32": 3.0, "fp16": 9.0, "int8": 2.0} and dep["speed_vs_fp32"]["int8"] == 1.5
+    assert "int8: the fastest" in dep["why"] and "fp32 passed its gate but ran 0.67x int8's speed" in dep["why"]
+    # int8 slower than fp32 on this CPU: fp32, and the line says why int8 lost
+    dep = choose_deploy(_gates(fp32=True, int8=True), FILES, None, timer=FakeTimer({"fp32": 3.0, "int8": 5.0}))
+    assert dep["format"] == "fp32" and "int8 passed its gate but ran 0.60x fp32's speed" in dep["why"]
+
+
+def test_deploy_never_times_or_picks_a_failed_format():
+    timer = FakeTimer({"fp32": 3.0, "fp16": 0.1, "int8": 0.1})  # the failed ones would win on speed
+    dep = choose_deploy(_gates(fp32=True, fp16=False, int8=None), FILES, None, timer=timer)
+    assert dep["format"] == "fp32" and timer.asked == [["fp32"]] and set(dep["timings_ms"]) == {"fp32"}
+    assert "fp16 failed its gate (agreement 0.5000 < 0.98)" in dep["why"] and "int8 not built" in dep["why"]
+    dep = choose_deploy(_gates(fp32=False, int8=True), FILES, None, timer=FakeTimer({"int8": 7.0}))
+    assert dep["format"] == "int8" and "the only format that passed" in dep["why"]
+    timer = FakeTimer({})
+    dep = choose_deploy(_gates(fp32=False, int8=False), FILES, None, timer=timer)
+    assert dep["format"] is None and dep["file"] is None and timer.asked == []
+    assert dep["why"].startswith("no format passed its parity gate")
+
+
+def test_deploy_near_tie_keeps_the_more_precise_format_and_timing_can_be_off():
+    timer = FakeTimer({"fp32": 3.0, "int8": 2.9})  # int8 3% faster: within the 5% tolerance
+    dep = choose_deploy(_gates(fp32=True, int8=True), FILES, None, timer=timer, tolerance=0.05)
+    assert dep["format"] == "fp32" and "within the 5% tolerance" in dep["why"]
+    dep = choose_deploy(_gates(fp32=True, int8=True), FILES, None, timer=timer, tolerance=0.0)
+    assert dep["format"] == "int8"
+    timer = FakeTimer({"fp32": 3.0, "int8": 1.0})
+    dep = choose_deploy(_gates(fp32=True, int8=True), FILES, None, timer=timer, seconds=0)
+    assert dep["format"] == "fp32" and timer.asked == [] and "no timing" in dep["why"]
 
 
 def test_unchanged_rerun_is_skipped(exported, capsys):
@@ -172,7 +255,15 @@ def test_failed_required_gate_raises(tmp_path):
     print(e.value)
     report = json.loads(paths.export_report.read_text())
     assert report["formats"]["fp32"]["passed"] is False and report["parity_source"] == "unlabeled"
+    assert report["deploy"]["format"] is None and "fp32 failed" in report["deploy"]["why"]
     with pytest.raises(ExportGateError):  # not stamped: the rerun checks again
+        export_onnx(job, progress=False)
+
+
+def test_int8_exclude_names_must_exist(tmp_path):
+    job, paths, _ = make_export_job(tmp_path, formats=["fp32", "int8"], required=["fp32", "int8"], parity_images=3,
+                                    int8_exclude=["first_conv", "/no/such/Conv"])
+    with pytest.raises(RuntimeError, match=r"int8.*'/no/such/Conv' matches no node.*first_conv or classifier"):
         export_onnx(job, progress=False)
 
 
