@@ -3,7 +3,7 @@
     distillery teacher --job examples/eurosat-tiny.yaml            # synthetic set, pseudo-labels, manifest
     distillery student --job examples/eurosat-tiny.yaml student.epochs=5
     distillery export  --job examples/eurosat-tiny.yaml
-    distillery run runs/eurosat-tiny/export/model.onnx image.jpg   # classify images (runtime only, no torch)
+    distillery run runs/eurosat-tiny/export image.jpg            # classify images (runtime only, no torch)
     distillery tiny-models --out models/tiny                       # build the offline demo models
 
 Heavy libraries are imported inside the commands, so ``distillery run`` stays torch-free.
