@@ -41,34 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ._eurosat import EXTENSIONS, REPO, staged_root
+from ._eurosat import EXTENSIONS, REPO, env, labeled_items, labeled_rows, staged_root, write_manifest
 
 ARCH = "mobilenetv3_small_100"
-
-
-def _env(name: str, default, cast=str):
-    value = os.environ.get(f"DISTILLERY_BENCH_{name}")
-    return default if value in (None, "") else cast(value)
-
-
-def _labeled(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
-    return [(str(p), i) for i, c in enumerate(classes) for p in sorted((folder / c).iterdir())
-            if p.suffix.lower() in EXTENSIONS]
-
-
-def _write_manifest(path: Path, items: list[tuple[str, int]], k: int) -> None:
-    """labeled_pool as a training manifest in the teacher stage's format (one-hot soft targets)."""
-    import pyarrow as pa
-
-    from distillery.rundir import sha256_file, write_table
-
-    schema = pa.schema([("path", pa.string()), ("source", pa.string()), ("sha256", pa.string()),
-                        ("label", pa.int64()), ("soft_target", pa.list_(pa.float32())), ("weight", pa.float32()),
-                        ("provenance", pa.string())])
-    rows = [{"path": p, "source": "real", "sha256": sha256_file(p), "label": y,
-             "soft_target": [float(j == y) for j in range(k)], "weight": 1.0,
-             "provenance": "bench: labeled_pool ground truth (one-hot)"} for p, y in items]
-    write_table(path, rows, schema=schema)
 
 
 def _torch_predict(model, data_config: dict, paths: list[str], batch: int = 100) -> np.ndarray:
@@ -128,8 +103,8 @@ def _student(s: dict, root: Path, run: Path, classes: list[str]) -> tuple[list[d
     from distillery.student import train_student
 
     paths = RunPaths(run)
-    items = _labeled(root / "labeled_pool", classes)
-    _write_manifest(paths.manifest, items, len(classes))
+    items = labeled_items(root / "labeled_pool", classes)
+    write_manifest(paths.manifest, labeled_rows(items, len(classes), "bench: labeled_pool ground truth (one-hot)"))
     t0 = time.perf_counter()
     metrics = train_student(job, progress=False)
     elapsed = time.perf_counter() - t0
@@ -151,10 +126,10 @@ def main() -> dict:
     from distillery.student import load_student
 
     root = staged_root()
-    s = {"trained": _env("TRAINED", ""), "epochs": _env("EXPORT_EPOCHS", 12, int),
-         "input": _env("EXPORT_INPUT", 64, int), "unlabeled": _env("EXPORT_UNLABELED", 1000, int),
-         "parity": _env("EXPORT_PARITY", 200, int), "calibration": _env("EXPORT_CALIBRATION", 128, int),
-         "out": str(Path(_env("EXPORT_OUT", "runs/bench/export")).resolve())}
+    s = {"trained": env("TRAINED", ""), "epochs": env("EXPORT_EPOCHS", 12, int),
+         "input": env("EXPORT_INPUT", 64, int), "unlabeled": env("EXPORT_UNLABELED", 1000, int),
+         "parity": env("EXPORT_PARITY", 200, int), "calibration": env("EXPORT_CALIBRATION", 128, int),
+         "out": str(Path(env("EXPORT_OUT", "runs/bench/export")).resolve())}
     classes = sorted(p.name for p in (root / "test").iterdir() if p.is_dir())
     run = Path(s["out"])
     run.mkdir(parents=True, exist_ok=True)
@@ -181,9 +156,8 @@ def main() -> dict:
     report = export_onnx(job, progress=True)
     export_s = time.perf_counter() - t0
 
-    folder_index = {c["folder"]: i for i, c in enumerate(job_classes)}
-    test = [(p, folder_index[c]) for c in classes for p, _ in _labeled(root / "test", [c])]
-    test_paths = [p for p, _ in test]
+    test = labeled_items(root / "test", [c["folder"] for c in job_classes])
+    test_paths = [str(p) for p, _ in test]
     truth = np.array([y for _, y in test])
     t0 = time.perf_counter()
     ref = _torch_predict(model, config["data_config"], test_paths)

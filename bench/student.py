@@ -52,7 +52,6 @@ Settings (environment variables; defaults depend on the device, CPU / CUDA):
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
@@ -60,27 +59,11 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-EXTENSIONS = (".jpg", ".jpeg", ".png")
+from ._eurosat import EXTENSIONS, REPO, env, labeled_items, labeled_rows, staged_root, write_manifest
 
 
 # ----------------------------------------------------------------------------------------------
 # Settings and data
-
-
-def _env(name: str, default, cast=str):
-    value = os.environ.get(f"DISTILLERY_BENCH_{name}")
-    return default if value in (None, "") else cast(value)
-
-
-def _data_root() -> Path:
-    explicit = os.environ.get("DISTILLERY_EUROSAT")
-    candidates = [Path(explicit)] if explicit else [REPO.parent / "shared" / "data" / "eurosat", REPO / ".benchdata"]
-    for c in candidates:
-        if all((c / d).is_dir() for d in ("labeled_pool", "train_unlabeled", "test")):
-            return c.resolve()
-    raise FileNotFoundError(f"EuroSAT folders not found in {[str(c) for c in candidates]}; set DISTILLERY_EUROSAT to a "
-                            "folder holding labeled_pool/, train_unlabeled/ and test/ (see its README.md).")
 
 
 def _settings() -> dict:
@@ -88,36 +71,36 @@ def _settings() -> dict:
 
     from distillery.student.train import resolve_device
 
-    device = resolve_device(_env("DEVICE", "auto"))
+    device = resolve_device(env("DEVICE", "auto"))
     cuda = device.type == "cuda"
     cpus = os.cpu_count() or 1
     return {
-        "data": str(_data_root()),
+        "data": str(staged_root()),
         "device": str(device),
-        "teacher": _env("TEACHER", "resnet18"),
-        "student": _env("STUDENT", "mobilenetv3_small_100"),
-        "epochs": _env("EPOCHS", 60 if cuda else 12, int),
-        "teacher_epochs": _env("TEACHER_EPOCHS", 80 if cuda else 8, int),
-        "input_size": _env("INPUT", 64, int),  # teacher
-        "student_input": _env("STUDENT_INPUT", 128 if cuda else _env("INPUT", 64, int), int),  # students, reference
-        "batch_size": _env("BATCH", 128, int),
-        "lr": _env("LR", 1e-3, float),
-        "crop_scale": [_env("CROP_MIN", 0.25, float), 1.0],
-        "distill_alpha": _env("ALPHA", 0.9, float),
-        "temperature": _env("TEMPERATURE", 4.0, float),
-        "channels_last": bool(_env("CHANNELS_LAST", 1, int)),
-        "cache": bool(_env("CACHE", 1, int)),
-        "ema_decay": _env("EMA", 0.0, float),
-        "mixup": _env("MIXUP", 0.0, float),
-        "cutmix": _env("CUTMIX", 0.0, float),
-        "randaugment": _env("RANDAUG", "") or None,
-        "workers": _env("WORKERS", max(0, min(8, cpus - 2)) if cuda else 0, int),
-        "threads": _env("THREADS", torch.get_num_threads(), int),
-        "speed_epochs": _env("SPEED_EPOCHS", 4 if cuda else 1, int),
-        "speed_rounds": _env("SPEED_ROUNDS", 2, int),
-        "speed_images": _env("SPEED_IMAGES", 0 if cuda else 1536, int),  # 0 = every manifest row
-        "limit": _env("LIMIT", 0, int),
-        "out": str(Path(_env("OUT", "runs/bench/student")).resolve()),
+        "teacher": env("TEACHER", "resnet18"),
+        "student": env("STUDENT", "mobilenetv3_small_100"),
+        "epochs": env("EPOCHS", 60 if cuda else 12, int),
+        "teacher_epochs": env("TEACHER_EPOCHS", 80 if cuda else 8, int),
+        "input_size": env("INPUT", 64, int),  # teacher
+        "student_input": env("STUDENT_INPUT", 128 if cuda else env("INPUT", 64, int), int),  # students, reference
+        "batch_size": env("BATCH", 128, int),
+        "lr": env("LR", 1e-3, float),
+        "crop_scale": [env("CROP_MIN", 0.25, float), 1.0],
+        "distill_alpha": env("ALPHA", 0.9, float),
+        "temperature": env("TEMPERATURE", 4.0, float),
+        "channels_last": bool(env("CHANNELS_LAST", 1, int)),
+        "cache": bool(env("CACHE", 1, int)),
+        "ema_decay": env("EMA", 0.0, float),
+        "mixup": env("MIXUP", 0.0, float),
+        "cutmix": env("CUTMIX", 0.0, float),
+        "randaugment": env("RANDAUG", "") or None,
+        "workers": env("WORKERS", max(0, min(8, cpus - 2)) if cuda else 0, int),
+        "threads": env("THREADS", torch.get_num_threads(), int),
+        "speed_epochs": env("SPEED_EPOCHS", 4 if cuda else 1, int),
+        "speed_rounds": env("SPEED_ROUNDS", 2, int),
+        "speed_images": env("SPEED_IMAGES", 0 if cuda else 1536, int),  # 0 = every manifest row
+        "limit": env("LIMIT", 0, int),
+        "out": str(Path(env("OUT", "runs/bench/student")).resolve()),
         "seed": 0,
     }
 
@@ -127,51 +110,11 @@ def _classes(root: Path) -> list[str]:
     return sorted(p.name for p in (root / "labeled_pool").iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _labeled(folder: Path, classes: list[str], limit: int) -> list[tuple[Path, int]]:
-    from distillery.student.data import list_eval_images
-
-    items = list_eval_images(folder, classes, EXTENSIONS)
-    if limit:
-        kept, count = [], [0] * len(classes)
-        for p, y in items:
-            if count[y] < limit:
-                kept.append((p, y))
-                count[y] += 1
-        items = kept
-    return items
-
-
 def _unlabeled(folder: Path, limit: int) -> list[Path]:
     from distillery.rundir import list_images
 
     paths = list_images(folder, EXTENSIONS)
     return paths[: 10 * limit] if limit else paths
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _write_manifest(path: Path, rows: list[dict]) -> None:
-    """The teacher stage's manifest format (teacher/ensemble.py's schema)."""
-    import pyarrow as pa
-
-    from distillery.rundir import write_table
-
-    schema = pa.schema([("path", pa.string()), ("source", pa.string()), ("sha256", pa.string()),
-                        ("label", pa.int64()), ("soft_target", pa.list_(pa.float32())), ("weight", pa.float32()),
-                        ("provenance", pa.string())])
-    write_table(path, rows, schema=schema)
-
-
-def _labeled_rows(items: list[tuple[Path, int]], num_classes: int, provenance: str) -> list[dict]:
-    rows = []
-    for p, y in items:
-        onehot = [0.0] * num_classes
-        onehot[y] = 1.0
-        rows.append({"path": str(p), "source": "real", "sha256": _sha256(p), "label": int(y), "soft_target": onehot,
-                     "weight": 1.0, "provenance": provenance})
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,7 +141,7 @@ def _train(job, rows: list[dict], progress: bool = False) -> tuple[dict, float]:
     from distillery.rundir import RunPaths
     from distillery.student import train_student
 
-    _write_manifest(RunPaths(job.run_path).manifest, rows)
+    write_manifest(RunPaths(job.run_path).manifest, rows)
     t0 = time.perf_counter()
     metrics = train_student(job, progress=progress)
     return metrics, time.perf_counter() - t0
@@ -235,6 +178,7 @@ def _soft_labels(teacher_dir: Path, paths: list[Path], s: dict) -> tuple[list[di
     import numpy as np
     import torch
 
+    from distillery.rundir import sha256_file
     from distillery.student import load_student
     from distillery.student.data import eval_transform
 
@@ -251,7 +195,7 @@ def _soft_labels(teacher_dir: Path, paths: list[Path], s: dict) -> tuple[list[di
     probs /= probs.sum(axis=1, keepdims=True)  # exact float32 normalisation for the manifest check
     labels = probs.argmax(axis=1)
     prov = f"bench: {config['architecture']} stand-in teacher on labeled_pool, softmax(z/{s['temperature']:g})"
-    rows = [{"path": str(p), "source": "real", "sha256": _sha256(p), "label": int(y), "soft_target": pr.tolist(),
+    rows = [{"path": str(p), "source": "real", "sha256": sha256_file(p), "label": int(y), "soft_target": pr.tolist(),
              "weight": 1.0, "provenance": prov} for p, y, pr in zip(paths, labels, probs)]
     counts = np.bincount(labels, minlength=probs.shape[1])
     info = {"images": len(paths), "images_per_s": len(paths) / dt, "mean_max_prob": float(probs.max(axis=1).mean()),
@@ -376,8 +320,8 @@ def main() -> dict:
     root = Path(s["data"])
     classes = _classes(root)
     k = len(classes)
-    labeled = _labeled(root / "labeled_pool", classes, s["limit"])
-    test = _labeled(root / "test", classes, s["limit"])
+    labeled = labeled_items(root / "labeled_pool", classes, s["limit"])
+    test = labeled_items(root / "test", classes, s["limit"])
     unlabeled_dir = root / "train_unlabeled"
     unlabeled = _unlabeled(unlabeled_dir, s["limit"])
     dev = s["device"]
@@ -390,7 +334,7 @@ def main() -> dict:
           + (f"; LIMIT {s['limit']} per class (smoke run)" if s["limit"] else ""), flush=True)
 
     results: dict = {"settings": s, "device_name": gpu or "cpu", "models": {}}
-    labeled_rows = _labeled_rows(labeled, k, "bench: labeled_pool ground truth (one-hot)")
+    truth_rows = labeled_rows(labeled, k, "bench: labeled_pool ground truth (one-hot)")
 
     def run(role: str, model: str, data: str, rows: list[dict], epochs: int, **student) -> None:
         job = _job(s, role, classes, unlabeled_dir, model=model, epochs=epochs, **student)
@@ -404,14 +348,14 @@ def main() -> dict:
         print(f"  {role}: top-1 {ev['top1']:.4f}, {metrics['images_per_s']:.0f} train img/s, {wall:.0f}s", flush=True)
 
     # (1) stand-in teacher on labeled_pool, then its soft labels for train_unlabeled
-    run("teacher", s["teacher"], "labeled_pool (labels)", labeled_rows, s["teacher_epochs"], weight_decay=0.3,
+    run("teacher", s["teacher"], "labeled_pool (labels)", truth_rows, s["teacher_epochs"], weight_decay=0.3,
         input_size=s["input_size"])
     soft_rows, soft_info = _soft_labels(out / "teacher", unlabeled, s)
     results["soft_labels"] = soft_info
     print(f"  soft labels: {len(soft_rows)} images at {soft_info['images_per_s']:.0f} img/s, mean max prob "
           f"{soft_info['mean_max_prob']:.3f} (T={s['temperature']:g}), hard-label counts {soft_info['label_counts']}",
           flush=True)
-    _write_manifest(out / "teacher_manifest.parquet", soft_rows)  # the manifest the students share, for inspection
+    write_manifest(out / "teacher_manifest.parquet", soft_rows)  # the manifest the students share, for inspection
     # (2) students on that manifest: distillation vs hard labels only
     recipe = {"ema_decay": s["ema_decay"], "mixup": s["mixup"], "cutmix": s["cutmix"], "randaugment": s["randaugment"]}
     run("student-distilled", s["student"], f"train_unlabeled (teacher soft, a={s['distill_alpha']:g}, "
@@ -420,7 +364,7 @@ def main() -> dict:
     run("student-hard", s["student"], "train_unlabeled (teacher hard labels)", soft_rows, s["epochs"], distill_alpha=0.0,
         **recipe)
     # (3) supervised reference on labeled_pool alone
-    run("reference", s["student"], "labeled_pool (labels)", labeled_rows, s["teacher_epochs"], distill_alpha=0.0)
+    run("reference", s["student"], "labeled_pool (labels)", truth_rows, s["teacher_epochs"], distill_alpha=0.0)
     # (4) trainer vs bare loop
     speed = _speed(soft_rows, classes, unlabeled_dir, s)
     results["speed"] = speed
