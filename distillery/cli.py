@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "Train the student (a timm model) on teacher/manifest.parquet; evaluates on data.eval when set.")
     _stage_parser(sub, "export", "export the student to ONNX and check parity",
                   "Export the student to ONNX with its preprocessing and class names in the metadata, and check "
-                  "parity against PyTorch on real domain images.")
+                  "parity against PyTorch on real domain images. With int8 in export.formats the INT8 model is "
+                  "also fine-tuned under simulated quantisation (export.int8_qat_epochs, default 4; 0 = plain "
+                  "post-training quantisation), e.g. export.formats=[fp32,int8] as an override.")
     from distillery.runtime.cli import add_arguments as add_run_arguments
 
     add_run_arguments(sub.add_parser(

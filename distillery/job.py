@@ -145,6 +145,9 @@ class ExportCfg:
     calibration_images: int = 128  # INT8 calibration images, class-balanced from the pseudo-labeled domain images
     int8_exclude: list[str] = field(default_factory=lambda: ["first_conv", "classifier"])  # layers kept in float in the INT8 model: first_conv, classifier (last Gemm/MatMul) or ONNX node names
     int8_reduce_range: bool = True  # 7-bit INT8 weights: avoids the saturating uint8 x int8 sums of x86 CPUs without VNNI (AVX2/AVX-512)
+    int8_qat_epochs: int = 4  # quantisation-aware fine-tuning before INT8 (self-distillation on unlabeled domain images; 0 = plain post-training quantisation)
+    int8_qat_images: int = 2000  # unlabeled domain images (not the parity ones) the INT8 fine-tuning sees
+    int8_qat_lr: float = 1e-4  # its AdamW learning rate (cosine to 0)
     tensorrt: list[str] = field(default_factory=lambda: ["fp16", "int8"])  # engines to build where TensorRT + a GPU exist ([] = none); int8 only when int8 is exported
     tensorrt_batch: list[int] = field(default_factory=lambda: [1, 8, 32])  # min / opt / max batch of the engine's profile
     tensorrt_workspace_mb: int = 1024  # TensorRT builder workspace
@@ -410,6 +413,11 @@ def validate(job: Job) -> Job:
     b = job.export.tensorrt_batch
     if len(b) != 3 or not 1 <= b[0] <= b[1] <= b[2]:
         raise JobError(f"export.tensorrt_batch: expected [min, opt, max] with 1 <= min <= opt <= max, got {b}.")
+    ex = job.export
+    if ex.int8_qat_epochs < 0 or ex.int8_qat_images < 0 or not ex.int8_qat_lr > 0:
+        raise JobError(f"export.int8_qat_epochs / int8_qat_images / int8_qat_lr: expected >= 0, >= 0 and > 0, got "
+                       f"{ex.int8_qat_epochs} / {ex.int8_qat_images} / {ex.int8_qat_lr} (defaults 4 / 2000 / 1e-4; "
+                       "int8_qat_epochs: 0 turns quantisation-aware fine-tuning off).")
     for f in job.export.required:
         if f not in job.export.formats:
             raise JobError(f"export.required: {f!r} is required but not in export.formats {job.export.formats}; add it.")

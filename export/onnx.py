@@ -17,6 +17,13 @@ Parity images are real domain images, class-balanced by pseudo-label, preprocess
 tests the code apps will run. INT8 calibration images are drawn the same way, disjoint from the
 parity images when there are enough.
 
+INT8 is built twice when ``export.int8_qat_epochs`` > 0 (the default): post-training quantisation of the
+student, and the same quantisation of a copy fine-tuned under simulated INT8 on up to
+``export.int8_qat_images`` unlabeled domain images (self-distillation, :mod:`distillery.export.qat`; the
+parity images are never among them). The one whose top-1 agrees more often with the student on up to 512
+other held-out domain images (the calibration images when none are left) is written; both figures are in
+``report["int8_quantization"]["qat"]``.
+
 After the parity gate, every format that passed it is timed with onnxruntime on this machine's CPU
 (batch 1, the parity images, rounds interleaved across formats) and the fastest is recorded as
 ``report["deploy"]`` -- format, file, why, timings and gate figures -- and said in one line. A format
@@ -35,7 +42,9 @@ import json
 import os
 import platform
 import random
+import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -312,6 +321,54 @@ def _export_int8(src: Path, config: dict, calib: np.ndarray, out: Path, exclude:
             "excluded_nodes": excluded}
 
 
+INT8_CHOICE_IMAGES = 512  # held-out pseudo-labelled images on which post-training and QAT INT8 compete
+
+
+def _build_int8(model, config: dict, contract: dict, calib_paths: list[str], qat_paths: list[str],
+                choice_paths: list[str], files: dict[str, Path], cfg, *, seed: int, progress: bool) -> dict:
+    """``files["int8"]``: post-training INT8 of the student and, with ``export.int8_qat_epochs``, INT8 of a
+    quantisation-aware fine-tuned copy (:mod:`distillery.export.qat`); of the two, the one whose top-1 agrees
+    more often with the student on ``choice_paths`` is kept: domain images that are neither parity nor QAT
+    images (the calibration images when none are left). The parity images, which gate the result, are never
+    used to choose. Returns what was done, with both agreements."""
+    calib = np.stack([preprocess(p, contract) for p in calib_paths])
+    q = _export_int8(files["fp32"], config, calib, files["int8"], cfg.int8_exclude, cfg.int8_reduce_range)
+    if cfg.int8_qat_epochs <= 0 or not qat_paths:
+        q["qat"] = {"used": False, "why": "export.int8_qat_epochs is 0" if cfg.int8_qat_epochs <= 0
+                    else "no unlabeled domain images left after the parity images"}
+        return q
+    from .qat import qat_finetune
+
+    if progress:
+        log(f"{STAGE}: int8: quantisation-aware fine-tuning, {cfg.int8_qat_epochs} epochs on {len(qat_paths)} "
+            "unlabeled domain images (self-distillation from the student; export.int8_qat_epochs: 0 skips it)")
+    t0 = time.perf_counter()
+    images = np.stack([preprocess(p, contract) for p in qat_paths])
+    tuned, info = qat_finetune(model, images, calib, epochs=cfg.int8_qat_epochs, lr=cfg.int8_qat_lr,
+                               weight_bits=7 if cfg.int8_reduce_range else 8, exclude=list(cfg.int8_exclude),
+                               seed=seed, progress=progress)
+    choice = np.stack([preprocess(p, contract) for p in choice_paths]) if choice_paths else calib
+    choice_set = "held-out pseudo-labelled images" if choice_paths else "calibration images"
+    reference = _torch_logits(model, choice)
+    ptq = parity(files["int8"], reference, choice)
+    with tempfile.TemporaryDirectory(prefix="distillery-qat-") as tmp:
+        src, out = Path(tmp) / "qat.onnx", Path(tmp) / "qat.int8.onnx"
+        _export_fp32(tuned, config, cfg.opset, src, progress=False)
+        _export_int8(src, config, calib, out, cfg.int8_exclude, cfg.int8_reduce_range)
+        qat = parity(out, reference, choice)
+        used = (qat["agreement"], -qat["mean_abs_diff"]) > (ptq["agreement"], -ptq["mean_abs_diff"])
+        if used:
+            with atomic_path(files["int8"]) as dst:
+                shutil.copyfile(out, dst)
+    info.update(seconds=round(time.perf_counter() - t0, 1), used=used, choice_images=len(choice),
+                choice_set=choice_set, choice_agreement={"post_training": ptq["agreement"], "qat": qat["agreement"]},
+                choice_mean_abs_diff={"post_training": ptq["mean_abs_diff"], "qat": qat["mean_abs_diff"]})
+    log(f"{STAGE}: int8: top-1 agreement with the student on {len(choice)} {choice_set}: post-training "
+        f"{ptq['agreement']:.4f}, after QAT {qat['agreement']:.4f} -> {'QAT' if used else 'post-training'} model kept")
+    q["qat"] = info
+    return q
+
+
 # ----------------------------------------------------------------------------------------------
 # Parity
 
@@ -472,6 +529,12 @@ def export_onnx(job, *, progress: bool = True) -> dict:
     if "int8" in formats:
         calib_paths = balanced_sample(rows, cfg.calibration_images, seed=job.seed + 1, exclude=set(parity_paths))
         calib_paths = calib_paths or balanced_sample(rows, cfg.calibration_images, seed=job.seed + 1)
+    qat_paths: list[str] = []
+    choice_paths: list[str] = []  # held-out images on which the post-training and the QAT INT8 models compete
+    if "int8" in formats and cfg.int8_qat_epochs > 0:
+        qat_paths = balanced_sample(rows, cfg.int8_qat_images, seed=job.seed + 2, exclude=set(parity_paths))
+        choice_paths = balanced_sample(rows, INT8_CHOICE_IMAGES, seed=job.seed + 3,
+                                       exclude=set(parity_paths) | set(qat_paths))
 
     inputs = [paths.student_weights, paths.student_config]
     for p in inputs:
@@ -480,7 +543,8 @@ def export_onnx(job, *, progress: bool = True) -> dict:
                                     "(`distillery train --job JOB.yaml`).")
     image_hashes = [sha256_file(p) for p in parity_paths + calib_paths]
     key = stage_key({"export": cfg, "classes": job.class_names, "version": EXPORT_VERSION}, inputs,
-                    extra={"parity": parity_paths, "calibration": calib_paths, "images": image_hashes})
+                    extra={"parity": parity_paths, "calibration": calib_paths, "images": image_hashes,
+                           "qat": qat_paths, "int8_choice": choice_paths})
     if is_done(out_dir, STAGE, key, [files["fp32"], paths.export_report]) and all(
             files[f].is_file() for f in read_json(stamp_path(out_dir, STAGE)).get("formats", formats)):
         if progress:
@@ -515,9 +579,8 @@ def export_onnx(job, *, progress: bool = True) -> dict:
             if fmt == "fp16":
                 _export_fp16(files["fp32"], config, files["fp16"])
             elif fmt == "int8":
-                calib = np.stack([preprocess(p, contract) for p in calib_paths])
-                info["int8_quantization"] = _export_int8(files["fp32"], config, calib, files["int8"], cfg.int8_exclude,
-                                            cfg.int8_reduce_range)
+                info["int8_quantization"] = _build_int8(model, config, contract, calib_paths, qat_paths, choice_paths,
+                                                        files, cfg, seed=job.seed, progress=progress)
         except Exception as e:
             if fmt in cfg.required:
                 raise RuntimeError(f"{STAGE}: building the required {fmt} model failed: {e}. Drop {fmt} from "

@@ -164,6 +164,23 @@ def test_fp16_and_int8(exported):
     assert report["int8_quantization"]["reduce_range"] is True
     assert {n for n, src in weight_src.items() if src != "DequantizeLinear"} == set(excluded), weight_src
     assert report["calibration_images"] == 3  # the 12 images minus the 9 parity ones
+    # quantisation-aware fine-tuning ran (default 4 epochs) on the images that are not parity images, and the
+    # report says which INT8 model was kept and why
+    qat = report["int8_quantization"]["qat"]
+    assert qat["epochs"] == 4 and qat["images"] == 3 and isinstance(qat["used"], bool), qat
+    ca, mad = qat["choice_agreement"], qat["choice_mean_abs_diff"]
+    assert set(ca) == {"post_training", "qat"} and all(0.0 <= v <= 1.0 for v in ca.values())
+    assert qat["used"] == ((ca["qat"], -mad["qat"]) > (ca["post_training"], -mad["post_training"]))
+    # no image is left after 9 parity + 3 QAT images: the two compete on the 3 calibration images
+    assert (qat["choice_set"], qat["choice_images"]) == ("calibration images", 3)
+
+
+def test_int8_without_qat(tmp_path):
+    job, paths, _ = make_export_job(tmp_path, formats=["fp32", "int8"], required=["fp32"], parity_images=9,
+                                    int8_qat_epochs=0, deploy_timing_s=0)
+    report = export_onnx(job, progress=False)
+    assert report["int8_quantization"]["qat"] == {"used": False, "why": "export.int8_qat_epochs is 0"}
+    assert report["formats"]["int8"]["built"]
 
 
 def test_deploy_entry_names_a_passing_format_the_runtime_loads(exported):

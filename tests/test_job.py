@@ -56,6 +56,7 @@ def test_overrides_parse_yaml_values(tmp_path, raw):
     ("data.unlabeled=nowhere", ["data.unlabeled", "nowhere", "does not exist"]),
     ("teacher.synth.antialias=maybe", ["teacher.synth.antialias", "maybe", "true or false"]),
     ("student.lr=-1", ["student.lr", "-1"]),
+    ("export.int8_qat_epochs=-2", ["export.int8_qat_epochs", "-2", "0 turns"]),
     ("nokey", ["nokey", "key=value"]),
 ])
 def test_bad_values_name_key_value_and_fix(tmp_path, raw, override, words):
