@@ -13,8 +13,10 @@ FP16 and INT8 on all of EuroSAT ``test/`` (target: INT8 at most 0.5 point below 
 2. Pseudo-labels: the student labels ``train_unlabeled/`` images (as the teachers would), written as the
    run's ``pseudo_labels.parquet``; the export stage draws its class-balanced parity and INT8 calibration
    images from them.
-3. ``export_onnx`` itself (the product's code path): fp32, fp16, int8 with their parity gates and the
-   deploy choice (timed on this CPU).
+3. ``export_onnx`` itself (the product's code path, default INT8 settings): fp32, fp16, int8 (post-training,
+   and after quantisation-aware fine-tuning on the pseudo-labelled images; the export keeps the one that
+   agrees more with the student on 512 other held-out ones) with their parity gates and the deploy choice
+   (timed on this CPU).
 4. Top-1 on every ``test/`` image: PyTorch with timm's eval transform, and the runtime's
    ``Classifier.predict`` on each ONNX file; INT8 - FP32 in points.
 
@@ -26,7 +28,7 @@ Settings (environment variables):
 | DISTILLERY_BENCH_TRAINED | a trained student folder to use instead of training one | (train) |
 | DISTILLERY_BENCH_EXPORT_EPOCHS | epochs of the student trained here | 12 |
 | DISTILLERY_BENCH_EXPORT_INPUT | its input size in pixels | 64 |
-| DISTILLERY_BENCH_EXPORT_UNLABELED | train_unlabeled images pseudo-labelled for parity/calibration | 1000 |
+| DISTILLERY_BENCH_EXPORT_UNLABELED | train_unlabeled images pseudo-labelled for parity, calibration and INT8 QAT | 5000 |
 | DISTILLERY_BENCH_EXPORT_PARITY | export.parity_images | 200 |
 | DISTILLERY_BENCH_EXPORT_CALIBRATION | export.calibration_images | 128 |
 | DISTILLERY_BENCH_EXPORT_OUT | run folder (student/ kept between runs, export/ redone) | runs/bench/export |
@@ -127,7 +129,7 @@ def main() -> dict:
 
     root = staged_root()
     s = {"trained": env("TRAINED", ""), "epochs": env("EXPORT_EPOCHS", 12, int),
-         "input": env("EXPORT_INPUT", 64, int), "unlabeled": env("EXPORT_UNLABELED", 1000, int),
+         "input": env("EXPORT_INPUT", 64, int), "unlabeled": env("EXPORT_UNLABELED", 5000, int),
          "parity": env("EXPORT_PARITY", 200, int), "calibration": env("EXPORT_CALIBRATION", 128, int),
          "out": str(Path(env("EXPORT_OUT", "runs/bench/export")).resolve())}
     classes = sorted(p.name for p in (root / "test").iterdir() if p.is_dir())
@@ -201,6 +203,15 @@ def main() -> dict:
               f"{'7-bit' if q.get('reduce_range') else '8-bit'} weights, MinMax calibration on "
               f"{report['calibration_images']} class-balanced pseudo-labelled images, kept in float: "
               f"{', '.join(q.get('excluded_nodes', [])) or 'nothing'}")
+        qat = q.get("qat") or {}
+        if qat.get("choice_agreement"):
+            ca, kl = qat["choice_agreement"], qat["simulated_int8_kl"]
+            print(f"  INT8 QAT: {qat['epochs']} epochs on {qat['images']} images ({qat['seconds']:.0f} s); simulated "
+                  f"INT8 KL to the student {kl['before']:.4f} -> {kl['after']:.4f}; agreement on "
+                  f"{qat['choice_images']} {qat['choice_set']}: post-training {ca['post_training']:.4f}, QAT "
+                  f"{ca['qat']:.4f} -> {'QAT' if qat['used'] else 'post-training'} model exported")
+        else:
+            print(f"  INT8 QAT: not run ({qat.get('why', 'unknown')})")
     dep = report["deploy"]
     timings = ", ".join(f"{f} {t:.2f} ms" for f, t in dep.get("timings_ms", {}).items())
     print(f"  deploy: {dep['file']} ({timings}) -- {dep['why']}")
