@@ -31,6 +31,8 @@ Settings (environment variables):
 | DISTILLERY_BENCH_EXPORT_UNLABELED | train_unlabeled images pseudo-labelled for parity, calibration and INT8 QAT | 5000 |
 | DISTILLERY_BENCH_EXPORT_PARITY | export.parity_images | 200 |
 | DISTILLERY_BENCH_EXPORT_CALIBRATION | export.calibration_images | 128 |
+| DISTILLERY_BENCH_EXPORT_QAT_EPOCHS | export.int8_qat_epochs (0: post-training INT8 only) | 4 (the job default) |
+| DISTILLERY_BENCH_EXPORT_QAT_IMAGES | export.int8_qat_images | 2000 (the job default) |
 | DISTILLERY_BENCH_EXPORT_OUT | run folder (student/ kept between runs, export/ redone) | runs/bench/export |
 """
 from __future__ import annotations
@@ -131,6 +133,7 @@ def main() -> dict:
     s = {"trained": env("TRAINED", ""), "epochs": env("EXPORT_EPOCHS", 12, int),
          "input": env("EXPORT_INPUT", 64, int), "unlabeled": env("EXPORT_UNLABELED", 5000, int),
          "parity": env("EXPORT_PARITY", 200, int), "calibration": env("EXPORT_CALIBRATION", 128, int),
+         "qat_epochs": env("EXPORT_QAT_EPOCHS", 4, int), "qat_images": env("EXPORT_QAT_IMAGES", 2000, int),
          "out": str(Path(env("EXPORT_OUT", "runs/bench/export")).resolve())}
     classes = sorted(p.name for p in (root / "test").iterdir() if p.is_dir())
     run = Path(s["out"])
@@ -152,7 +155,8 @@ def main() -> dict:
         "name": "bench-export", "seed": 0, "domain": "satellite photo", "classes": job_classes,
         "data": {"unlabeled": str(root / "train_unlabeled")}, "run_dir": str(run),
         "export": {"formats": ["fp32", "fp16", "int8"], "required": ["fp32"], "parity_images": s["parity"],
-                   "calibration_images": s["calibration"]},
+                   "calibration_images": s["calibration"], "int8_qat_epochs": s["qat_epochs"],
+                   "int8_qat_images": s["qat_images"]},
     }, base=REPO)
     t0 = time.perf_counter()
     report = export_onnx(job, progress=True)
