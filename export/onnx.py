@@ -333,10 +333,23 @@ def _build_int8(model, config: dict, contract: dict, calib_paths: list[str], qat
     used to choose. Returns what was done, with both agreements."""
     calib = np.stack([preprocess(p, contract) for p in calib_paths])
     q = _export_int8(files["fp32"], config, calib, files["int8"], cfg.int8_exclude, cfg.int8_reduce_range)
-    if cfg.int8_qat_epochs <= 0 or not qat_paths:
+    if cfg.int8_qat_epochs <= 0 or cfg.int8_qat_images <= 0 or not qat_paths:
         q["qat"] = {"used": False, "why": "export.int8_qat_epochs is 0" if cfg.int8_qat_epochs <= 0
+                    else "export.int8_qat_images is 0" if cfg.int8_qat_images <= 0
                     else "no unlabeled domain images left after the parity images"}
         return q
+    try:
+        q["qat"] = _qat_int8(model, config, contract, calib, qat_paths, choice_paths, files, cfg, seed=seed,
+                             progress=progress)
+    except Exception as e:  # the post-training model is already written: keep it, say why QAT is missing
+        q["qat"] = {"used": False, "why": f"quantisation-aware fine-tuning failed: {type(e).__name__}: {e}"}
+        log(f"{STAGE}: int8: {q['qat']['why']}; keeping the post-training INT8 model")
+    return q
+
+
+def _qat_int8(model, config: dict, contract: dict, calib: np.ndarray, qat_paths: list[str],
+              choice_paths: list[str], files: dict[str, Path], cfg, *, seed: int, progress: bool) -> dict:
+    """QAT half of :func:`_build_int8`: fine-tune, quantise, compete; replaces ``files["int8"]`` when QAT wins."""
     from .qat import qat_finetune
 
     if progress:
@@ -365,8 +378,7 @@ def _build_int8(model, config: dict, contract: dict, calib_paths: list[str], qat
                 choice_mean_abs_diff={"post_training": ptq["mean_abs_diff"], "qat": qat["mean_abs_diff"]})
     log(f"{STAGE}: int8: top-1 agreement with the student on {len(choice)} {choice_set}: post-training "
         f"{ptq['agreement']:.4f}, after QAT {qat['agreement']:.4f} -> {'QAT' if used else 'post-training'} model kept")
-    q["qat"] = info
-    return q
+    return info
 
 
 # ----------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ def fold_batchnorm(model):
                 bn.running_var.fill_(1.0 - bn.eps)
                 bn.weight.fill_(1.0)
                 bn.bias.zero_()
+            bn.requires_grad_(False)  # stays the identity: fine-tuning moves the conv, not a BN after its rounding
             folds += 1
     return model, folds
 
@@ -167,17 +168,21 @@ def _join_hardswish(model) -> None:
 
 
 def _followed_by_relu(model) -> set:
-    """ids of the convs whose next sibling is a ReLU (or a BatchNorm whose ``act`` is one): onnxruntime drops
-    such a ReLU and quantises the conv output with the ReLU's range instead, so the conv output is not
-    rounded on its own."""
+    """ids of the convs whose next sibling is a ReLU, a BatchNorm whose ``act`` is one (timm), or a plain
+    BatchNorm followed by one (torchvision): onnxruntime drops such a ReLU and quantises the conv output with
+    the ReLU's range instead, so the conv output is not rounded on its own."""
     from torch import nn
 
     out = set()
     for parent in model.modules():
         children = list(parent.children())
-        for a, b in zip(children, children[1:]):
-            act = getattr(b, "act", b)
-            if isinstance(a, nn.Conv2d) and isinstance(act, (nn.ReLU, nn.ReLU6)):
+        for i, a in enumerate(children[:-1]):
+            if not isinstance(a, nn.Conv2d):
+                continue
+            b = children[i + 1]
+            if isinstance(b, nn.BatchNorm2d) and not hasattr(b, "act") and i + 2 < len(children):
+                b = children[i + 2]
+            if isinstance(getattr(b, "act", b), (nn.ReLU, nn.ReLU6)):
                 out.add(id(a))
     return out
 
@@ -191,12 +196,15 @@ def _quant_points(model, skip: set) -> tuple[list, list]:
 
     relu_next = _followed_by_relu(model)
     weights, points = [], []
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None and id(first) not in skip:
+        points.append((first, "in"))  # a quantised first conv: the network input itself is rounded
     for m in model.modules():
         name = type(m).__name__
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             if id(m) not in skip:
                 weights.append(m)
-            if isinstance(m, nn.Conv2d) and id(m) not in relu_next or isinstance(m, nn.Linear) and id(m) not in skip:
+            if (isinstance(m, nn.Conv2d) and id(m) not in relu_next) or (isinstance(m, nn.Linear) and id(m) not in skip):
                 points.append((m, "out"))
         elif name in _ACTIVATIONS or name == "SplitHardswish" or "Pool" in name and not list(m.children()):
             points.append((m, "out"))
@@ -290,6 +298,9 @@ def qat_finetune(model, images: np.ndarray, calibration: np.ndarray, *, epochs: 
 
     from distillery.rundir import log
 
+    if epochs < 1 or len(images) == 0 or len(calibration) == 0:
+        raise ValueError(f"QAT needs epochs >= 1 and some images, got epochs={epochs}, {len(images)} images, "
+                         f"{len(calibration)} calibration images")
     teacher = model.eval()
     sim = SimulatedInt8(model, exclude=exclude, weight_bits=weight_bits, check=calibration[:16])
     student = sim.model
@@ -350,5 +361,5 @@ def qat_finetune(model, images: np.ndarray, calibration: np.ndarray, *, epochs: 
     info = {"epochs": epochs, "images": int(len(images)), "lr": lr, "temperature": temperature,
             "weight_bits": weight_bits, "batchnorm_folds": sim.folds, "hardswish_split": sim.hardswish_split,
             "weights_rounded": len(sim.weights), "activations_rounded": len(sim.points), "kl_by_epoch": history,
-            "simulated_int8_kl": {"before": round(kl_before, 5), "after": round(kl_after, 5)}}
+            "simulated_int8_kl": {"before": float(f"{kl_before:.4g}"), "after": float(f"{kl_after:.4g}")}}
     return student, info

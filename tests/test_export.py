@@ -320,3 +320,18 @@ def test_optional_format_failure_is_reported_not_fatal(tmp_path, monkeypatch, ca
     capsys.readouterr()
     export_onnx(job, progress=True)
     assert "up to date" in capsys.readouterr().err
+
+
+def test_int8_qat_failure_keeps_the_post_training_model(tmp_path, monkeypatch):
+    import distillery.export.qat as qat
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no memory left")
+
+    monkeypatch.setattr(qat, "qat_finetune", broken)
+    job, paths, _ = make_export_job(tmp_path, formats=["fp32", "int8"], required=["fp32", "int8"], parity_images=6,
+                                    deploy_timing_s=0, min_agreement={"int8": 0.0})
+    report = export_onnx(job, progress=False)  # int8 is required: a QAT failure must not fail it
+    assert report["int8_quantization"]["qat"] == {
+        "used": False, "why": "quantisation-aware fine-tuning failed: RuntimeError: no memory left"}
+    assert report["formats"]["int8"]["built"] and (paths.export / "model.int8.onnx").is_file()

@@ -42,6 +42,7 @@ def test_fold_batchnorm_keeps_the_logits():
         assert torch.allclose(folded(x), model(x), atol=1e-4, rtol=1e-4)
     bns = [m for m in folded.modules() if isinstance(m, nn.BatchNorm2d)]
     assert all(torch.all(b.weight == 1) and torch.all(b.bias == 0) and torch.all(b.running_mean == 0) for b in bns)
+    assert not any(p.requires_grad for b in bns for p in b.parameters())  # the identity is not fine-tuned away
     # the original is untouched
     assert not torch.all(next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)).running_mean == 0)
 
@@ -86,19 +87,22 @@ def small_cnn(seed=0):
                           nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))
     with torch.no_grad():
-        model[-1].weight.mul_(5)
+        model[-1].weight.mul_(20)  # confident logits: rounding errors show in the KL
     return model.eval()
 
 
 def test_qat_finetune_brings_the_simulated_int8_model_closer_to_the_student():
     rng = np.random.default_rng(0)
-    images = rng.standard_normal((64, 3, 16, 16)).astype(np.float32)
+    images = rng.standard_normal((128, 3, 16, 16)).astype(np.float32)
     model = small_cnn()
-    # 3-bit weights: a rounding error large enough to be worth fixing in 3 short epochs
-    tuned, info = qat_finetune(model, images, images[:16], epochs=3, lr=1e-3, batch_size=16, weight_bits=3,
+    # 3-bit weights: a rounding error large enough to be worth fixing in a few short epochs (on seeds 0-7 of
+    # this toy the KL falls to 0.02-0.25 of its starting value)
+    tuned, info = qat_finetune(model, images, images[:16], epochs=10, lr=3e-4, batch_size=16, weight_bits=3,
                                exclude=[], progress=False)
-    assert (info["batchnorm_folds"], info["weights_rounded"], info["activations_rounded"]) == (2, 3, 6)
-    assert len(info["kl_by_epoch"]) == 3 and all(np.isfinite(info["kl_by_epoch"]))
+    # rounded: the input, both ReLU outputs (the convs before them are not rounded on their own), the pooled
+    # features and the logits -- onnxruntime's QuantizeLinear nodes on this graph (see the test below)
+    assert (info["batchnorm_folds"], info["weights_rounded"], info["activations_rounded"]) == (2, 3, 5)
+    assert len(info["kl_by_epoch"]) == 10 and all(np.isfinite(info["kl_by_epoch"]))
     kl = info["simulated_int8_kl"]
     assert kl["after"] < 0.5 * kl["before"], kl
     # what comes back is a plain float model: no parametrisations, no hooks, trained weights
@@ -118,6 +122,13 @@ def test_qat_keeps_excluded_layers_unrounded_on_a_timm_model():
     convs = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
     assert info["weights_rounded"] == convs - 2  # first conv and classifier stay in float
     assert info["batchnorm_folds"] == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    from distillery.export.qat import SimulatedInt8
+
+    sim = SimulatedInt8(model, exclude=["first_conv", "classifier"])
+    named = {id(m): n for n, m in sim.model.named_modules()}
+    rounded = {named[id(m)] for m in sim.weights}
+    assert "conv_stem" not in rounded and "classifier" not in rounded and "conv_head" in rounded
+    assert not any(where == "in" and named[id(m)] == "conv_stem" for m, where in sim.points)  # input stays float
 
 
 def test_fold_refuses_a_layout_it_cannot_fold():
@@ -140,7 +151,8 @@ def test_fold_refuses_a_layout_it_cannot_fold():
         qat_finetune(model, calib, calib, epochs=1, progress=False)
 
 
-def test_simulation_rounds_where_and_how_onnxruntime_does(tmp_path):
+@pytest.mark.parametrize("which", ["timm", "plain"])
+def test_simulation_rounds_where_and_how_onnxruntime_does(tmp_path, which):
     """Every tensor onnxruntime's QDQ quantiser rounds (one QuantizeLinear each) has a simulated rounding
     point with the same scale, and no point is extra: same count, same scales. (A Flatten's output is
     re-quantised on its input's grid, which changes nothing: it has no point of its own.)"""
@@ -150,29 +162,30 @@ def test_simulation_rounds_where_and_how_onnxruntime_does(tmp_path):
     from distillery.export.onnx import _export_fp32, _export_int8
     from distillery.export.qat import SimulatedInt8
 
-    model = tiny_model(2)
-    data_config = {"input_size": [3, 32, 32], "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406],
+    # timm's MobileNetV3 with the export's default exclusions; a torchvision-style conv/BN/ReLU net with none
+    model, exclude, px = (tiny_model(2), ["first_conv", "classifier"], 32) if which == "timm" else (small_cnn(), [], 16)
+    data_config = {"input_size": [3, px, px], "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406],
                    "std": [0.229, 0.224, 0.225], "crop_pct": 0.875, "crop_mode": "center"}
     config = {"class_names": ["a", "b", "c"], "data_config": data_config, "architecture": "mobilenetv3_small_050",
               "job_hash": "t"}
-    calib = np.random.default_rng(0).standard_normal((32, 3, 32, 32)).astype(np.float32)
+    calib = np.random.default_rng(0).standard_normal((32, 3, px, px)).astype(np.float32)
     _export_fp32(model, config, 17, tmp_path / "m.onnx", progress=False)
-    _export_int8(tmp_path / "m.onnx", config, calib, tmp_path / "m.int8.onnx", ["first_conv", "classifier"], True)
+    _export_int8(tmp_path / "m.onnx", config, calib, tmp_path / "m.int8.onnx", exclude, True)
     q = onnx.load(str(tmp_path / "m.int8.onnx"))
     inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
     made_by = {o: n.op_type for n in q.graph.node for o in n.output}
     ort_scales = sorted(float(inits[n.input[1]]) for n in q.graph.node
                         if n.op_type == "QuantizeLinear" and made_by.get(n.input[0]) != "Flatten")
 
-    sim = SimulatedInt8(model, exclude=["first_conv", "classifier"], weight_bits=7, check=calib[:4])
+    sim = SimulatedInt8(model, exclude=exclude, weight_bits=7, check=calib[:4])
     sim.calibrate(calib)
     sim_scales = sorted((max(hi, 0.0) - min(lo, 0.0)) / 255 for lo, hi in sim.act.ranges.values())
-    assert len(sim.points) == len(sim.act.ranges) == len(ort_scales) > 50
+    assert len(sim.points) == len(sim.act.ranges) == len(ort_scales) > (50 if which == "timm" else 4)
     np.testing.assert_allclose(sim_scales, ort_scales, rtol=1e-3, atol=1e-7)
     # weights: onnxruntime's per-channel scales of the folded weights are the simulation's (reduce_range grid)
     dq = {n.output[0]: n for n in q.graph.node if n.op_type == "DequantizeLinear"}
     w_scales = sorted(np.round(inits[dq[n.input[1]].input[1]], 7).tolist() for n in q.graph.node
-                      if n.op_type == "Conv" and n.input[1] in dq)
+                      if n.op_type in ("Conv", "Gemm") and n.input[1] in dq)
     sim_w = sorted(np.round((m.weight.detach().abs().reshape(m.weight.shape[0], -1).amax(1) / 64).numpy()
                             .astype(np.float32), 7).tolist() for m in sim.weights)
     assert len(w_scales) == len(sim_w) == len(sim.weights)
