@@ -46,7 +46,7 @@ def _build_models(tmp: Path, class_names: list[str], calib_paths: list[str]):
 
     from distillery.export.onnx import _export_fp32, _export_int8
     from distillery.job import ExportCfg
-    from distillery.runtime.preprocess import contract_from_data_config, preprocess
+    from distillery.runtime.preprocess import contract_from_data_config, preprocess_batch
 
     torch.manual_seed(0)
     model = timm.create_model(ARCH, pretrained=False, num_classes=len(class_names)).eval()
@@ -56,7 +56,7 @@ def _build_models(tmp: Path, class_names: list[str], calib_paths: list[str]):
     _export_fp32(model, config, 17, fp32, progress=False)
     contract = contract_from_data_config(data_config)
     cfg = ExportCfg()  # the export stage's default INT8 settings
-    _export_int8(fp32, config, np.stack([preprocess(p, contract) for p in calib_paths]), int8, cfg.int8_exclude,
+    _export_int8(fp32, config, preprocess_batch(calib_paths, contract), int8, cfg.int8_exclude,
                  cfg.int8_reduce_range)
     return model, data_config, fp32, int8
 

@@ -54,7 +54,7 @@ import numpy as np
 from distillery.rundir import (RunPaths, atomic_path, is_done, list_images, log, mark_done, read_json, read_table,
                                save_resolved_job, sha256_file, stage_key, stamp_path, write_json)
 from distillery.runtime.classifier import METADATA_KEY, Classifier
-from distillery.runtime.preprocess import contract_from_data_config, preprocess
+from distillery.runtime.preprocess import contract_from_data_config, preprocess_batch
 
 __all__ = ["export_onnx", "ExportGateError", "balanced_sample", "build_metadata", "parity",
            "FORMAT_FILES", "choose_deploy", "time_formats"]
@@ -331,7 +331,7 @@ def _build_int8(model, config: dict, contract: dict, calib_paths: list[str], qat
     more often with the student on ``choice_paths`` is kept: domain images that are neither parity nor QAT
     images (the calibration images when none are left). The parity images, which gate the result, are never
     used to choose. Returns what was done, with both agreements."""
-    calib = np.stack([preprocess(p, contract) for p in calib_paths])
+    calib = preprocess_batch(calib_paths, contract)
     q = _export_int8(files["fp32"], config, calib, files["int8"], cfg.int8_exclude, cfg.int8_reduce_range)
     if cfg.int8_qat_epochs <= 0 or cfg.int8_qat_images <= 0 or not qat_paths:
         q["qat"] = {"used": False, "why": "export.int8_qat_epochs is 0" if cfg.int8_qat_epochs <= 0
@@ -356,11 +356,11 @@ def _qat_int8(model, config: dict, contract: dict, calib: np.ndarray, qat_paths:
         log(f"{STAGE}: int8: quantisation-aware fine-tuning, {cfg.int8_qat_epochs} epochs on {len(qat_paths)} "
             "unlabeled domain images (self-distillation from the student; export.int8_qat_epochs: 0 skips it)")
     t0 = time.perf_counter()
-    images = np.stack([preprocess(p, contract) for p in qat_paths])
+    images = preprocess_batch(qat_paths, contract)
     tuned, info = qat_finetune(model, images, calib, epochs=cfg.int8_qat_epochs, lr=cfg.int8_qat_lr,
                                weight_bits=7 if cfg.int8_reduce_range else 8, exclude=list(cfg.int8_exclude),
                                seed=seed, progress=progress)
-    choice = np.stack([preprocess(p, contract) for p in choice_paths]) if choice_paths else calib
+    choice = preprocess_batch(choice_paths, contract) if choice_paths else calib
     choice_set = "held-out pseudo-labelled images" if choice_paths else "calibration images"
     reference = _torch_logits(model, choice)
     ptq = parity(files["int8"], reference, choice)
@@ -418,7 +418,6 @@ def time_formats(files: dict[str, Path], images: np.ndarray, seconds: float = 1.
     format is spent. Model time only: the preprocessing is the same for every format.
     """
     import statistics
-    import time
 
     clfs = {f: Classifier.load(p, providers=["CPUExecutionProvider"]) for f, p in files.items()}
     xs = [images[i:i + 1] for i in range(min(len(images), 16))]
@@ -583,7 +582,7 @@ def export_onnx(job, *, progress: bool = True) -> dict:
 
     torch.manual_seed(job.seed)
     info = _export_fp32(model, config, cfg.opset, files["fp32"], progress)
-    batch = np.stack([preprocess(p, contract) for p in parity_paths])  # the runtime's preprocessing, (N,3,H,W)
+    batch = preprocess_batch(parity_paths, contract)  # the runtime's preprocessing, (N,3,H,W)
     reference = _torch_logits(model, batch)
     build_errors: dict[str, str] = {}
     for fmt in formats[1:]:
@@ -671,7 +670,7 @@ def _tensorrt_engines(fp32: Path, out_dir: Path, config: dict, formats: list[str
     for fmt in wanted:
         out = out_dir / ENGINE_FILES[fmt]
         try:
-            calib = np.stack([preprocess(p, contract) for p in calib_paths]) if fmt == "int8" else None
+            calib = preprocess_batch(calib_paths, contract) if fmt == "int8" else None
             sidecar = build_engine(fp32, out, build_metadata(config, fmt), fmt, calibration=calib,
                                    batch_profile=tuple(cfg.tensorrt_batch), workspace_mb=cfg.tensorrt_workspace_mb)
             from distillery.runtime.tensorrt import TensorRTClassifier
