@@ -62,31 +62,26 @@ def fold_batchnorm(model):
     return model, folds
 
 
-class _WeightFakeQuant:
-    """Parametrisation: per-output-channel symmetric fake quantisation of a conv/linear weight."""
+def _weight_fake_quant(bits: int):
+    """A parametrisation module: per-output-channel symmetric fake quantisation of a conv/linear weight on
+    onnxruntime's grid: [-127, 127] for 8 bits, [-64, 64] with reduce_range ("7 bits"), likewise
+    [-2^(b-1), 2^(b-1)] below 8 bits."""
+    import torch
+    from torch import nn
 
-    def __init__(self, bits: int):
-        # onnxruntime's ranges: [-127, 127] for 8 bits, [-64, 64] with reduce_range ("7 bits"); likewise
-        # [-2^(b-1), 2^(b-1)] below 8 bits
-        self.qmax = 127 if bits >= 8 else 2 ** (bits - 1)
+    qmax = 127 if bits >= 8 else 2 ** (bits - 1)
 
-    def module(self):
-        import torch
-        from torch import nn
+    class WeightFakeQuant(nn.Module):
+        enabled = True  # off while activation ranges are measured: onnxruntime calibrates the float model
 
-        qmax = self.qmax
+        def forward(self, w):
+            if not self.enabled:
+                return w
+            scale = w.detach().abs().reshape(w.shape[0], -1).amax(1).clamp_min(1e-12) / qmax
+            zero = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
+            return torch.fake_quantize_per_channel_affine(w, scale.float(), zero, 0, -qmax, qmax)
 
-        class WeightFakeQuant(nn.Module):
-            enabled = True  # off while activation ranges are measured: onnxruntime calibrates the float model
-
-            def forward(self, w):
-                if not self.enabled:
-                    return w
-                scale = w.detach().abs().reshape(w.shape[0], -1).amax(1).clamp_min(1e-12) / qmax
-                zero = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
-                return torch.fake_quantize_per_channel_affine(w, scale.float(), zero, 0, -qmax, qmax)
-
-        return WeightFakeQuant()
+    return WeightFakeQuant()
 
 
 class _ActivationQuant:
@@ -135,6 +130,17 @@ class _ActivationQuant:
             h.remove()
 
 
+def _replace_children(model, match, make) -> int:
+    """Replace every submodule for which ``match(module)`` holds by ``make()``; returns how many."""
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if match(child):
+                setattr(parent, name, make())
+                n += 1
+    return n
+
+
 def _split_hardswish(model) -> int:
     """Replace each ``nn.Hardswish`` by x * Hardsigmoid(x) with the Hardsigmoid as its own module: onnxruntime
     runs (and quantises) HardSwish as those two nodes. Returns how many were replaced."""
@@ -148,23 +154,14 @@ def _split_hardswish(model) -> int:
         def forward(self, x):
             return x * self.gate(x)
 
-    n = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Hardswish):
-                setattr(parent, name, SplitHardswish())
-                n += 1
-    return n
+    return _replace_children(model, lambda m: isinstance(m, nn.Hardswish), SplitHardswish)
 
 
 def _join_hardswish(model) -> None:
     """Undo :func:`_split_hardswish` (the exported graph gets its HardSwish nodes back)."""
     from torch import nn
 
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child).__name__ == "SplitHardswish":
-                setattr(parent, name, nn.Hardswish())
+    _replace_children(model, lambda m: type(m).__name__ == "SplitHardswish", nn.Hardswish)
 
 
 def _followed_by_relu(model) -> set:
@@ -256,7 +253,7 @@ class SimulatedInt8:
                 m.inplace = False
         self.weights, self.points = _quant_points(self.model, _excluded_modules(self.model, list(exclude)))
         for m in self.weights:
-            parametrize.register_parametrization(m, "weight", _WeightFakeQuant(weight_bits).module())
+            parametrize.register_parametrization(m, "weight", _weight_fake_quant(weight_bits))
         self.act = _ActivationQuant(self.points)
 
     def calibrate(self, images: np.ndarray, batch: int = 64) -> None:
@@ -295,15 +292,20 @@ def qat_finetune(model, images: np.ndarray, calibration: np.ndarray, *, epochs: 
     the fine-tuned weights, what was done)."""
     import torch
     import torch.nn.functional as F
+    from tqdm.auto import tqdm
 
     from distillery.rundir import log
+    from distillery.student.loss import distillation_loss
+
+    def kl(logits, probs):  # tau^2 * KL(probs || softmax(logits / tau)), mean over rows (SPEC section 7, alpha 1)
+        return distillation_loss(logits, probs, probs.argmax(1), temperature=temperature, alpha=1.0)
 
     if epochs < 1 or len(images) == 0 or len(calibration) == 0:
         raise ValueError(f"QAT needs epochs >= 1 and some images, got epochs={epochs}, {len(images)} images, "
                          f"{len(calibration)} calibration images")
     teacher = model.eval()
     sim = SimulatedInt8(model, exclude=exclude, weight_bits=weight_bits, check=calibration[:16])
-    student = sim.model
+    student = sim.model  # eval mode throughout: BatchNorm is folded, dropout stays off
 
     probe_x = torch.from_numpy(images[:256])
     with torch.no_grad():
@@ -313,8 +315,7 @@ def qat_finetune(model, images: np.ndarray, calibration: np.ndarray, *, epochs: 
         """KL from the student of the simulated INT8 model (ranges re-measured) on the first 256 images."""
         sim.calibrate(calibration)
         with torch.no_grad():
-            out = F.log_softmax(student(probe_x) / temperature, dim=1)
-        return float(F.kl_div(out, probe_t, reduction="batchmean")) * temperature ** 2
+            return float(kl(student(probe_x), probe_t))
 
     kl_before = simulated_kl()
     g = torch.Generator().manual_seed(seed)
@@ -323,17 +324,10 @@ def qat_finetune(model, images: np.ndarray, calibration: np.ndarray, *, epochs: 
     steps_per_epoch = max(1, math.ceil(len(images) / batch_size))
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    t = temperature
     history = []
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    bar = tqdm(total=total, desc="export: int8 QAT", disable=not progress or tqdm is None, leave=False) \
-        if tqdm else None
+    bar = tqdm(total=total, desc="export: int8 QAT", disable=not progress, leave=False)
     for epoch in range(epochs):
         sim.calibrate(calibration)
-        student.eval()  # BatchNorm is folded; dropout stays off
         order = torch.randperm(len(images), generator=g)
         total_loss = 0.0
         for s in range(steps_per_epoch):
@@ -342,20 +336,18 @@ def qat_finetune(model, images: np.ndarray, calibration: np.ndarray, *, epochs: 
             flip = torch.rand(len(idx), generator=g) < 0.5
             x[flip] = x[flip].flip(-1)
             with torch.no_grad():
-                target = F.softmax(teacher(x) / t, dim=1)
-            loss = F.kl_div(F.log_softmax(student(x) / t, dim=1), target, reduction="batchmean") * t * t
+                target = F.softmax(teacher(x) / temperature, dim=1)
+            loss = kl(student(x), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             total_loss += float(loss.detach())
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{total_loss / (s + 1):.4f}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{total_loss / (s + 1):.4f}")
         history.append(round(total_loss / steps_per_epoch, 5))
         log(f"export: int8 QAT epoch {epoch + 1}/{epochs}: KL to the student {history[-1]:.4f}")
-    if bar is not None:
-        bar.close()
+    bar.close()
     kl_after = simulated_kl()
     student = sim.release()
     info = {"epochs": epochs, "images": int(len(images)), "lr": lr, "temperature": temperature,

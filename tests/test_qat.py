@@ -15,8 +15,7 @@ timm = pytest.importorskip("timm")
 from torch import nn  # noqa: E402
 from torch.nn.utils import parametrize  # noqa: E402
 
-from distillery.export.qat import (_ActivationQuant, _WeightFakeQuant, fold_batchnorm,  # noqa: E402
-                                   qat_finetune)
+from distillery.export.qat import _ActivationQuant, _weight_fake_quant, fold_batchnorm, qat_finetune  # noqa: E402
 
 
 def tiny_model(seed=0):
@@ -49,7 +48,7 @@ def test_fold_batchnorm_keeps_the_logits():
 
 def test_weight_fake_quant_by_hand():
     w = torch.tensor([[0.47, -1.0, 0.26], [2.0, 0.1, -0.31]])  # no exact .5 ties
-    got = _WeightFakeQuant(bits=7).module()(w).numpy()
+    got = _weight_fake_quant(bits=7)(w).numpy()
     # symmetric per output channel on onnxruntime's reduce_range int8 grid [-64, 64]:
     # scale = max|w_c| / 64, q = clamp(round(w / scale), -64, 64)
     want = []
@@ -58,7 +57,7 @@ def test_weight_fake_quant_by_hand():
         want.append(np.clip(np.round(row / s), -64, 64) * s)
     np.testing.assert_allclose(got, np.array(want), rtol=1e-6, atol=1e-7)
     assert abs(got[1, 1] - 2.0 / 64 * 3) < 1e-6  # 0.1 / (2/64) = 3.2 -> 3 steps
-    w8 = _WeightFakeQuant(bits=8).module()(w).numpy()
+    w8 = _weight_fake_quant(bits=8)(w).numpy()
     assert abs(w8[0, 2] - round(0.26 / (1.0 / 127)) / 127) < 1e-6
 
 
