@@ -78,10 +78,9 @@ def _load(args):
 
 def _refs_for(job, stage: str) -> list[str]:
     if stage == "teacher":
-        refs = [job.models.clip]
-        if job.teacher.synth.enabled:
-            refs.append(job.models.diffusion)
-        return refs
+        from distillery.teacher import model_refs
+
+        return model_refs(job)
     if stage == "student" and job.student.pretrained and job.student.pretrained.startswith("hf-hub:"):
         return [job.student.pretrained]
     return []

@@ -9,15 +9,15 @@ Relative paths in a job file are resolved against the folder the job file sits i
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from .rundir import IMAGE_EXTENSIONS, settings_hash  # noqa: F401  (settings_hash: re-exported for callers)
+
 __all__ = [
-    "ClassSpec", "DataCfg", "ModelsCfg", "LoraCfg", "SynthCfg", "ClipCfg", "EnsembleCfg", "TeacherCfg",
+    "ClassSpec", "DataCfg", "ModelsCfg", "LoraCfg", "SynthCfg", "EnsembleCfg", "TeacherCfg",
     "StudentCfg", "ExportCfg", "Job", "JobError", "load_job", "apply_overrides", "settings_hash",
 ]
 
@@ -36,7 +36,7 @@ class ClassSpec:
 class DataCfg:
     unlabeled: str = ""  # folder of unlabeled domain images (searched recursively)
     eval: str | None = None  # optional labeled folder, ImageFolder layout; read by evaluation only
-    extensions: list[str] = field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"])
+    extensions: list[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))  # file endings counted as images (any case)
 
 
 @dataclass
@@ -69,7 +69,8 @@ class LoraCfg:
 
 @dataclass
 class SynthCfg:
-    enabled: bool = True  # generate synthetic images at all
+    enabled: bool = True  # use synthetic images at all (teachers that need them, the manifest)
+    source: str = "generate"  # "generate" = run the diffusion model; "table" = use teacher/synthetic.parquet as placed in the run folder
     tricks: list[str] = field(default_factory=lambda: ["base"])  # SPEC §1 trick names
     images_per_class: int = 120  # per trick
     steps: int = 40  # DDIM steps
@@ -85,14 +86,6 @@ class SynthCfg:
 
 
 @dataclass
-class ClipCfg:
-    templates: list[str] = field(default_factory=lambda: ["a {domain} of a {c}.", "a photo of a {c}."])  # {c}, {domain}
-    logit_scale: float = 100.0  # p = softmax(scale * f_img . T^T), SPEC §3
-    batch_size: int = 64
-    device: str = "auto"
-
-
-@dataclass
 class EnsembleCfg:
     weights: dict[str, float] = field(default_factory=lambda: {"clip": 1.0})  # teacher column -> weight
     use_synthetic: bool = True  # put synthetic images in the training manifest
@@ -100,12 +93,40 @@ class EnsembleCfg:
     min_confidence: float = 0.0  # real images below this fused confidence get weight 0
 
 
+def _registered_teachers() -> dict[str, type]:
+    """teacher name -> its settings dataclass, from the teacher registry (teacher modules register on import)."""
+    from distillery.teacher import TEACHERS
+
+    return {name: spec.settings for name, spec in TEACHERS.items()}
+
+
 @dataclass
 class TeacherCfg:
     lora: LoraCfg = field(default_factory=LoraCfg)
     synth: SynthCfg = field(default_factory=SynthCfg)
-    clip: ClipCfg = field(default_factory=ClipCfg)
     ensemble: EnsembleCfg = field(default_factory=EnsembleCfg)
+    # teacher.<name>: the settings of each registered probability teacher (teacher.clip, teacher.air, ...),
+    # declared by the teacher's own module (see distillery/teacher/base.py), filled with defaults when absent.
+    methods: dict[str, Any] = field(default_factory=dict)
+
+    def settings(self, name: str) -> Any:
+        """The settings of teacher ``name`` (its defaults if the job does not mention it)."""
+        if name not in self.methods:
+            known = _registered_teachers()
+            if name not in known:
+                raise KeyError(f"teacher {name!r} is not registered; available: {', '.join(known)}")
+            self.methods[name] = known[name]()
+        return self.methods[name]
+
+    def __getattr__(self, name: str) -> Any:  # job.teacher.clip -> the clip teacher's settings
+        methods = self.__dict__.get("methods")
+        if methods is not None and name in methods:
+            return methods[name]
+        raise AttributeError(f"TeacherCfg has no attribute {name!r}")
+
+    @classmethod
+    def _dynamic_fields(cls) -> dict[str, type]:
+        return _registered_teachers()
 
 
 @dataclass
@@ -159,7 +180,9 @@ class ExportCfg:
 class Job:
     name: str = ""
     classes: list[ClassSpec] = field(default_factory=list)
-    domain: str = "photo"  # domain phrase used in prompts, e.g. "satellite photo"
+    # Domain phrase used in prompts, e.g. "satellite photo". null = none: prompts that need one say "photo",
+    # and the synthesis trick `all` then includes `class_prompt` (it is left out where a domain word is set).
+    domain: str | None = None
     data: DataCfg = field(default_factory=DataCfg)
     run_dir: str | None = None  # default: runs/<name> under the current folder
     models: ModelsCfg = field(default_factory=ModelsCfg)
@@ -167,6 +190,7 @@ class Job:
     student: StudentCfg = field(default_factory=StudentCfg)
     export: ExportCfg = field(default_factory=ExportCfg)
     seed: int = 0
+    executor: str = "local"  # where the teachers' per-image work runs: local (this process)
     source: str | None = None  # path of the job file (filled in by load_job)
 
     @property
@@ -174,11 +198,18 @@ class Job:
         return [c.name for c in self.classes]
 
     @property
+    def domain_phrase(self) -> str:
+        """The domain phrase for prompts: ``domain``, or "photo" when the job sets none."""
+        return self.domain or "photo"
+
+    @property
     def run_path(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["teacher"].update(d["teacher"].pop("methods"))  # teacher.clip, not teacher.methods.clip
+        return d
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,7 +263,22 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = [k for k in data if k not in names]
+    dynamic = cls._dynamic_fields() if hasattr(cls, "_dynamic_fields") else {}
+    if dynamic:  # keys declared elsewhere (registered teachers): parsed with their own dataclass
+        data = dict(data)
+        methods = {}
+        for k, tp in dynamic.items():
+            full = f"{prefix}.{k}" if prefix else k
+            v = data.pop(k, None)
+            methods[k] = tp() if v is None else _convert(v, tp, full)
+        names = names - {"methods"} | set(dynamic)
+        unknown = [k for k in data if k not in names or k == "methods"]
+        if not unknown:
+            out = _from_dict_fields(cls, hints, data, prefix)
+            out.methods = methods
+            return out
+    else:
+        unknown = [k for k in data if k not in names]
     if unknown:
         import difflib
 
@@ -241,6 +287,10 @@ def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         near = difflib.get_close_matches(str(k), names, n=1)
         hint = f" Did you mean '{near[0]}'?" if near else ""
         raise JobError(f"{full}: unknown key.{hint} Valid keys here: {', '.join(sorted(names))}.")
+    return _from_dict_fields(cls, hints, data, prefix)
+
+
+def _from_dict_fields(cls: type, hints: dict, data: dict, prefix: str) -> Any:
     kwargs = {}
     for k, v in data.items():
         full = f"{prefix}.{k}" if prefix else k
@@ -320,7 +370,6 @@ def resolve_model_ref(value: str, base: Path) -> str:
     return value
 
 
-TRICKS = ("base", "class_prompt", "multi_domain", "random_guidance", "all")
 EXPORT_FORMATS = ("fp32", "fp16", "int8")
 LORA_PRECISIONS = ("no", "fp16", "bf16")
 
@@ -346,10 +395,18 @@ def validate(job: Job) -> Job:
     if job.data.eval is not None and not Path(job.data.eval).is_dir():
         raise JobError(f"data.eval: folder {job.data.eval!r} does not exist. Give an ImageFolder-layout "
                        "folder (one sub-folder per class) or remove the key.")
+    from distillery.executor import EXECUTORS
+    from distillery.teacher.synth import TRICK_NAMES
+
+    if job.executor not in EXECUTORS:
+        raise JobError(f"executor: unknown executor {job.executor!r}; choose from {', '.join(EXECUTORS)}.")
     s = job.teacher.synth
+    if s.source not in ("generate", "table"):
+        raise JobError(f"teacher.synth.source: unknown value {s.source!r}; choose generate (run the diffusion model) "
+                       "or table (use teacher/synthetic.parquet as placed in the run folder).")
     for t in s.tricks:
-        if t not in TRICKS:
-            raise JobError(f"teacher.synth.tricks: unknown trick {t!r}; choose from {', '.join(TRICKS)}.")
+        if t not in TRICK_NAMES:
+            raise JobError(f"teacher.synth.tricks: unknown trick {t!r}; choose from {', '.join(TRICK_NAMES)}.")
     for k in ("images_per_class", "steps", "resolution", "batch_size"):
         if getattr(s, k) < 1:
             raise JobError(f"teacher.synth.{k}: must be >= 1, got {getattr(s, k)}.")
@@ -375,15 +432,11 @@ def validate(job: Job) -> Job:
         raise JobError(f"teacher.lora.mixed_precision: unknown value {lo.mixed_precision!r}; choose from "
                        f"{', '.join(LORA_PRECISIONS)}.")
     try:
-        lo.caption.format(domain=job.domain)
+        lo.caption.format(domain=job.domain_phrase)
     except (KeyError, IndexError, ValueError) as e:
         raise JobError(f"teacher.lora.caption: {lo.caption!r} is not a usable template ({type(e).__name__}: {e}); "
                        "the only placeholder is {domain}, e.g. 'a {domain}'.") from e
-    for name, w in job.teacher.ensemble.weights.items():
-        if w < 0:
-            raise JobError(f"teacher.ensemble.weights.{name}: negative weight {w}; weights must be >= 0.")
-    if not any(w > 0 for w in job.teacher.ensemble.weights.values()):
-        raise JobError("teacher.ensemble.weights: all weights are zero; give at least one teacher a weight > 0.")
+    _validate_teachers(job)
     st = job.student
     for k in ("epochs", "batch_size"):
         if getattr(st, k) < 1:
@@ -424,6 +477,31 @@ def validate(job: Job) -> Job:
     return job
 
 
+def _validate_teachers(job: Job) -> None:
+    """Each teacher's own checks, then the ensemble's weights against the columns that will exist."""
+    from distillery.teacher import TEACHERS, all_columns, teachers_to_run
+
+    for name in TEACHERS:
+        try:
+            job.teacher.settings(name).check(f"teacher.{name}")
+        except ValueError as e:
+            raise JobError(str(e)) from e
+    running = teachers_to_run(job)
+    columns = all_columns()
+    for col, w in job.teacher.ensemble.weights.items():
+        if w < 0:
+            raise JobError(f"teacher.ensemble.weights.{col}: negative weight {w}; weights must be >= 0.")
+        if col not in columns:
+            raise JobError(f"teacher.ensemble.weights.{col}: no teacher writes a column {col!r}; columns: "
+                           f"{', '.join(columns)}.")
+        if w > 0 and columns[col] not in running:
+            raise JobError(f"teacher.ensemble.weights.{col}: weight {w}, but the {columns[col]!r} teacher is "
+                           f"disabled (teacher.{columns[col]}.enabled=false); enable it or set the weight to 0.")
+    if not any(w > 0 for w in job.teacher.ensemble.weights.values()):
+        raise JobError("teacher.ensemble.weights: all weights are zero; give at least one teacher column a "
+                       "weight > 0.")
+
+
 def load_job(path: str | os.PathLike, overrides: list[str] | None = None) -> Job:
     """Load, override, resolve and validate a job file."""
     import yaml
@@ -461,16 +539,3 @@ def job_from_dict(raw: dict, base: str | os.PathLike = ".", overrides: list[str]
     if job.student.cache_dir:
         job.student.cache_dir = _resolve_path(job.student.cache_dir, base)
     return validate(job)
-
-
-def settings_hash(*parts: Any) -> str:
-    """Stable sha256 of JSON-able settings (dataclasses allowed)."""
-    def default(o):
-        if dataclasses.is_dataclass(o):
-            return dataclasses.asdict(o)
-        if isinstance(o, Path):
-            return str(o)
-        raise TypeError(f"not hashable as settings: {type(o).__name__}")
-
-    text = json.dumps(parts, sort_keys=True, default=default, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()

@@ -1,17 +1,27 @@
 """The run folder contract and the small pieces every stage uses to honour it.
 
 ```
-runs/<job>/teacher/synthetic/…            generated images
-runs/<job>/teacher/synthetic.parquet      one row per synthetic image
-runs/<job>/teacher/pseudo_labels.parquet  one row per real image, one probability column per teacher
-runs/<job>/teacher/manifest.parquet       the training set
+runs/<job>/teacher/lora/                     domain LoRA (pytorch_lora_weights.safetensors, loss.json)
+runs/<job>/teacher/synthetic/…               generated images
+runs/<job>/teacher/synthetic.parquet         one row per synthetic image
+runs/<job>/teacher/grids/<trick>.png         classes x samples per synthesis trick
+runs/<job>/teacher/images.parquet            the unlabeled images: sha256, readable or why not (one listing per run)
+runs/<job>/teacher/features/<encoder>/       image features by (encoder, preprocessing, image sha256)
+runs/<job>/teacher/probs/<column>.parquet    each teacher column's class probabilities per real image
+runs/<job>/teacher/eval/<column>.parquet     the same columns on the evaluation images (data.eval only)
+runs/<job>/teacher/eval.json                 each column's top-1 on data.eval (evaluation only)
+runs/<job>/teacher/<teacher>/…               a teacher's own side tables and weights
+runs/<job>/teacher/pseudo_labels.parquet     one row per real image, one probability column per teacher
+runs/<job>/teacher/manifest.parquet          the training set
+runs/<job>/teacher/report.md                 what the teacher stages made
 runs/<job>/student/model.safetensors, config.json, metrics.json, report.md, confusion.png
 runs/<job>/export/model.onnx (+ model.fp16.onnx, model.int8.onnx), report.json
 ```
 
-Stages talk only through these files. Each stage writes atomically (temporary name, then rename)
-and records a *stamp*: the hash of its settings and of the files it read. A stage whose stamp
-matches and whose outputs exist is skipped.
+Stages talk only through these files; :class:`RunPaths` names every one of them, so no stage writes a
+path literal of its own. Each stage writes atomically (temporary name, then rename) and records a
+*stamp*: the hash of its settings and of the files it read. A stage whose stamp matches and whose
+outputs exist is skipped (:func:`cached_stage` does list -> stamp -> skip -> write once for all).
 """
 from __future__ import annotations
 
@@ -23,9 +33,10 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default, read by pipe.load_lora_weights(folder)
 
 
 @dataclass(frozen=True)
@@ -37,12 +48,65 @@ class RunPaths:
         return self.root / "teacher"
 
     @property
+    def lora(self) -> Path:
+        return self.teacher / "lora"
+
+    @property
+    def lora_weights(self) -> Path:
+        return self.lora / LORA_WEIGHT_NAME
+
+    @property
+    def lora_loss(self) -> Path:
+        return self.lora / "loss.json"
+
+    @property
     def synthetic_dir(self) -> Path:
         return self.teacher / "synthetic"
 
     @property
     def synthetic(self) -> Path:
         return self.teacher / "synthetic.parquet"
+
+    @property
+    def grids(self) -> Path:
+        return self.teacher / "grids"
+
+    def grid(self, trick: str) -> Path:
+        return self.grids / f"{trick}.png"
+
+    @property
+    def images_index(self) -> Path:
+        return self.teacher / "images.parquet"
+
+    @property
+    def features(self) -> Path:
+        return self.teacher / "features"
+
+    @property
+    def probs_dir(self) -> Path:
+        return self.teacher / "probs"
+
+    def probs(self, column: str) -> Path:
+        return self.probs_dir / f"{column}.parquet"
+
+    @property
+    def eval_probs_dir(self) -> Path:
+        return self.teacher / "eval"
+
+    def eval_probs(self, column: str) -> Path:
+        return self.eval_probs_dir / f"{column}.parquet"
+
+    @property
+    def teacher_eval(self) -> Path:
+        return self.teacher / "eval.json"
+
+    def teacher_dir(self, name: str) -> Path:
+        """A teacher's own folder for side tables and weights (``teacher/<name>/``)."""
+        return self.teacher / name
+
+    @property
+    def teacher_report(self) -> Path:
+        return self.teacher / "report.md"
 
     @property
     def pseudo_labels(self) -> Path:
@@ -80,6 +144,10 @@ class RunPaths:
     def export_report(self) -> Path:
         return self.export / "report.json"
 
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
@@ -112,8 +180,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically; a file that already holds exactly this text is left untouched."""
+    text = json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"
+    path = Path(path)
+    try:
+        if path.is_file() and path.read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -148,11 +224,11 @@ def read_table(path: str | os.PathLike, what: str = "table") -> list[dict]:
 
 
 def list_images(folder: str | os.PathLike, extensions=IMAGE_EXTENSIONS) -> list[Path]:
-    """All image files under ``folder`` (recursive), sorted by relative path for a stable order."""
-    folder = Path(folder)
-    exts = {e.lower() for e in extensions}
-    out = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in exts and not p.name.startswith(".")]
-    return sorted(out, key=lambda p: p.relative_to(folder).as_posix())
+    """Image files under ``folder`` (recursive), sorted by relative path: :func:`distillery.images.list_images`
+    without the list of unreadable entries."""
+    from .images import list_images as _list
+
+    return _list(folder, extensions)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,10 +239,23 @@ def stamp_path(stage_dir: Path, stage: str) -> Path:
     return stage_dir / f".{stage}.stamp.json"
 
 
+def settings_hash(*parts: Any) -> str:
+    """Stable sha256 of JSON-able settings (dataclasses and paths allowed)."""
+    import dataclasses
+
+    def default(o):
+        if dataclasses.is_dataclass(o):
+            return dataclasses.asdict(o)
+        if isinstance(o, Path):
+            return str(o)
+        raise TypeError(f"not hashable as settings: {type(o).__name__}")
+
+    text = json.dumps(parts, sort_keys=True, default=default, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def stage_key(settings: Any, input_files: list[str | os.PathLike] = (), extra: Any = None) -> str:
     """Hash of a stage's settings plus the content of every input file."""
-    from .job import settings_hash
-
     files = [(str(Path(p).name), sha256_file(p)) for p in input_files]
     return settings_hash(settings, files, extra)
 
@@ -183,6 +272,33 @@ def is_done(stage_dir: Path, stage: str, key: str, outputs: list[str | os.PathLi
 
 def mark_done(stage_dir: Path, stage: str, key: str, info: dict | None = None) -> None:
     write_json(stamp_path(stage_dir, stage), {"key": key, **(info or {})})
+
+
+def read_stamp(stage_dir: Path, stage: str) -> dict:
+    try:
+        return read_json(stamp_path(stage_dir, stage))
+    except (OSError, ValueError):
+        return {}
+
+
+def cached_stage(job, stage_dir: Path, stage: str, key: str, outputs: list[str | os.PathLike],
+                 compute: Callable[[], dict | None], fresh: Callable[[], bool] | None = None,
+                 up_to_date: str = "") -> dict:
+    """The skeleton every stage shares: skip when the stamp matches, else compute, save the job, stamp.
+
+    ``compute()`` writes the outputs (atomically) and returns the info recorded in the stamp. ``fresh()``
+    is an extra check a stage may add (e.g. synthesis: every image file still on disk as recorded).
+    Returns the stamp's info with ``up_to_date`` true/false.
+    """
+    if is_done(stage_dir, stage, key, outputs) and (fresh is None or fresh()):
+        log(f"{stage}: up to date" + (f" ({up_to_date})" if up_to_date else ""))
+        info = {k: v for k, v in read_stamp(stage_dir, stage).items() if k != "key"}
+        return {**info, "up_to_date": True}
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved_job(job, stage_dir)
+    info = compute() or {}
+    mark_done(stage_dir, stage, key, info)
+    return {**info, "up_to_date": False}
 
 
 def save_resolved_job(job, folder: Path) -> None:

@@ -1,53 +1,90 @@
 """Teachers: foundation models adapted to the domain, writing a labeled training set.
 
-Stages run in order: ``lora`` (domain adapter for the diffusion UNet, when enabled), ``synth``
-(synthetic images per class), then every *probability teacher*
-with a weight > 0 in ``teacher.ensemble.weights`` (each writes ``probs/<name>.parquet``), then the
-``ensemble`` (soft labels + training manifest). New teachers (AiR, LaTTe-CLIP, Vermouth) register
-here and become new probability columns beside CLIP's.
+Stages run in order:
+
+1. ``lora`` (domain adapter for the diffusion UNet, when synthesis and the LoRA are enabled),
+2. ``synth`` (synthetic images per class; ``teacher.synth.source: table`` uses a ``synthetic.parquet`` placed in
+   the run folder instead of generating one),
+3. every enabled *probability teacher* and what it needs, in need order (:mod:`.base`): each is one module
+   that registers itself (``clip`` now) and writes ``probs/<column>.parquet``,
+4. the ``ensemble`` (soft labels + training manifest),
+5. with ``data.eval``: each column's top-1 on the evaluation images (``teacher/eval.json``, evaluation only),
+6. ``teacher/report.md``.
+
+The unlabeled images are listed, hashed and checked once (:func:`distillery.images.unlabeled_set`) and
+shared by every stage; per-image model work goes through the job's executor (:mod:`distillery.executor`).
 """
 from __future__ import annotations
 
 import sys
-from typing import Callable, TextIO
+from typing import TextIO
 
-TEACHERS: dict[str, Callable] = {}
+from .base import (TEACHERS, TeacherContext, TeacherResult, TeacherSettings, all_columns, register_teacher,
+                   run_teachers, teachers_to_run)
+from . import clip as _clip  # noqa: F401,E402  (registers the built-in teachers)
 
-
-def register_teacher(name: str):
-    def deco(fn: Callable) -> Callable:
-        TEACHERS[name] = fn
-        return fn
-    return deco
+__all__ = ["TEACHERS", "TeacherContext", "TeacherResult", "TeacherSettings", "register_teacher", "all_columns",
+           "teachers_to_run", "run_teacher", "dry_run", "model_refs"]
 
 
-def _register_builtin() -> None:
-    from .clip import run_clip
+def model_refs(job) -> list[str]:
+    """Every model reference the teacher stages of ``job`` will load (checked before any work)."""
+    refs = []
+    if generates(job):
+        refs.append(job.models.diffusion)
+    for name in teachers_to_run(job):
+        refs += [getattr(job.models, r) for r in TEACHERS[name].roles]
+    return list(dict.fromkeys(refs))
 
-    register_teacher("clip")(run_clip)
+
+def generates(job) -> bool:
+    """Whether this job runs the diffusion model (synthesis on, source "generate")."""
+    return job.teacher.synth.enabled and job.teacher.synth.source == "generate"
+
+
+def synthetic_rows(job) -> tuple[list[dict] | None, object]:
+    """The synthetic set the teachers and the ensemble use (None, None with synthesis off): the one synthesis
+    wrote, or with ``teacher.synth.source: table`` the ``synthetic.parquet`` placed in the run folder."""
+    from distillery.rundir import RunPaths, read_table
+
+    if not job.teacher.synth.enabled:
+        return None, None
+    paths = RunPaths(job.run_path)
+    if not paths.synthetic.is_file():
+        raise FileNotFoundError(f"teacher.synth.source: table, but {str(paths.synthetic)!r} does not exist; put "
+                                "the synthetic table there (columns path, sha256, class_index, class_name, trick, "
+                                "index, seed) or use teacher.synth.source=generate.")
+    return read_table(paths.synthetic, "synthetic table"), paths.synthetic
 
 
 def run_teacher(job, progress: bool = True) -> dict:
     """Run every teacher stage of ``job``; each skips itself when its inputs and settings are unchanged."""
-    from .ensemble import run_ensemble
+    from distillery.executor import get_executor
+    from distillery.images import eval_set, unlabeled_set
+    from distillery.rundir import log
+
+    from .ensemble import evaluate_columns, run_ensemble
     from .lora import run_lora
     from .report import write_report
     from .synth import run_synth
 
-    _register_builtin()
-    unknown = [t for t, w in job.teacher.ensemble.weights.items() if w > 0 and t not in TEACHERS]
-    if unknown:
-        raise ValueError(f"teacher.ensemble.weights: unknown teacher(s) {unknown}; available: {sorted(TEACHERS)}.")
-    info = {}
-    if job.teacher.synth.enabled:
+    images = unlabeled_set(job)
+    executor = get_executor(job)
+    info: dict = {"images": len(images), "skipped": len(images.skipped)}
+    if generates(job):
         if job.teacher.lora.enabled:  # the adapter only serves synthesis
-            info["lora"] = run_lora(job, progress)
-        info["synth"] = run_synth(job, progress)
-    for name, w in job.teacher.ensemble.weights.items():
-        if w > 0:
-            info[name] = TEACHERS[name](job, progress)
-    info["ensemble"] = run_ensemble(job, progress)
-    write_report(job)
+            info["lora"] = run_lora(job, progress, images=images)
+        info["synth"] = run_synth(job, progress, executor=executor)
+    synthetic, synthetic_file = synthetic_rows(job)
+    if synthetic is not None and not generates(job):
+        log(f"synth: source=table; using the synthetic set in {synthetic_file} as given ({len(synthetic)} rows)")
+    evals = eval_set(job)
+    out = run_teachers(job, images, evals, executor, progress, synthetic, synthetic_file)
+    info.update(out["info"])
+    info["ensemble"] = run_ensemble(job, progress, images=images, synthetic=synthetic, synthetic_file=synthetic_file)
+    if evals is not None:
+        info["eval"] = evaluate_columns(job, evals, out["eval_columns"])
+    write_report(job, images)
     return info
 
 
@@ -57,27 +94,26 @@ def dry_run(job, out: TextIO | None = None) -> list[dict]:
     The diffusion stages are timed on a short calibration run on their own device (a few training steps
     for the LoRA, one batch at 1 and 3 denoising steps for synthesis); the other stages are only counted.
     """
+    from distillery.images import unlabeled_set
     from distillery.models import load_diffusion, pick_device
 
     from . import lora, synth
 
     out = out or sys.stdout
-    _register_builtin()
+    images = unlabeled_set(job, record=False)
     rows = []
     lora_pending = False
-    if job.teacher.synth.enabled and job.teacher.lora.enabled:
+    if generates(job) and job.teacher.lora.enabled:
         cfg = job.teacher.lora
         device = pick_device(cfg.device, key="teacher.lora.device")
-        r = lora.estimate(job, lambda: load_diffusion(job.models.diffusion, device, half=False))
+        r = lora.estimate(job, lambda: load_diffusion(job.models.diffusion, device, half=False), images=images)
         lora_pending = r.get("note") != "up to date"
         rows.append(r)
-    if job.teacher.synth.enabled:
+    if generates(job):
         rows.append(synth.estimate(job, lora_pending=lora_pending))
-    n_real = len(lora.unlabeled_images(job))
-    for name, w in job.teacher.ensemble.weights.items():
-        if w > 0:
-            rows.append({"stage": name, "images": n_real, "unet_evals": 0, "estimate_s": None, "note": "not timed"})
-    rows.append({"stage": "ensemble", "images": n_real, "unet_evals": 0, "estimate_s": None, "note": "not timed"})
+    for name in teachers_to_run(job):
+        rows.append({"stage": name, "images": len(images), "unet_evals": 0, "estimate_s": None, "note": "not timed"})
+    rows.append({"stage": "ensemble", "images": len(images), "unet_evals": 0, "estimate_s": None, "note": "not timed"})
     print(format_estimate(job, rows), file=out, flush=True)
     return rows
 

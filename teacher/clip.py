@@ -3,20 +3,17 @@
 p = softmax(s · f_img · Tᵀ), with T the L2-normalised mean over templates of the normalised text
 embeddings of each class (a prompt ensemble) and s the logit scale (100 in the paper).
 
-The stage writes ``teacher/probs/clip.parquet`` (path, sha256, probs) and caches the image
-features (``teacher/features/clip.npy``) for the teachers that build on them (AiR, LaTTe-CLIP).
-Every teacher writes its own ``probs/<name>.parquet``; the ensemble fuses them.
+The runner writes ``teacher/probs/clip.parquet`` (path, sha256, probs); the image features live in the
+shared feature store (``teacher/features/``, keyed by model, preprocessing and image sha256) for the
+teachers that build on them (AiR, LaTTe-CLIP).
 """
 from __future__ import annotations
 
-import time
-from dataclasses import asdict
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from distillery.rundir import (RunPaths, atomic_path, is_done, list_images, log, mark_done, save_resolved_job,
-                               sha256_file, stage_key, write_table)
+from .base import TeacherResult, TeacherSettings, register_teacher
 
 
 def format_templates(templates: list[str], class_name: str, domain: str) -> list[str]:
@@ -47,61 +44,58 @@ def encode_texts(model, tokenizer, texts: list[str], device: str) -> np.ndarray:
         return model.encode_text(tokenizer(texts).to(device)).float().cpu().numpy()
 
 
-def encode_images(model, preprocess, paths: list[Path], device: str, batch_size: int, progress: bool = True,
-                  desc: str = "clip") -> np.ndarray:
-    import torch
-    from PIL import Image
-    from tqdm import tqdm
+@dataclass
+class ClipCfg(TeacherSettings):
+    templates: list[str] = field(default_factory=lambda: ["a {domain} of a {c}.", "a photo of a {c}."])  # {c}, {domain}
+    logit_scale: float = 100.0  # p = softmax(scale * f_img . T^T), SPEC §3
+    batch_size: int = 64  # images per encoder batch
 
-    feats = []
-    with torch.no_grad():
-        for b in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch", disable=not progress):
-            ims = []
-            for p in paths[b:b + batch_size]:
-                try:
-                    with Image.open(p) as im:
-                        ims.append(preprocess(im.convert("RGB")))
-                except OSError as e:
-                    raise ValueError(f"image {str(p)!r} cannot be read ({e}); remove or replace it.") from e
-            x = torch.stack(ims).to(device)
-            feats.append(model.encode_image(x).float().cpu().numpy())
-    return np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
+    def check(self, key: str) -> None:
+        if not self.templates:
+            raise ValueError(f"{key}.templates: empty; give at least one template such as 'a photo of a {{c}}.'.")
+        for t in self.templates:
+            try:
+                t.format(c="x", domain="y")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"{key}.templates: {t!r} is not a usable template ({type(e).__name__}: {e}); "
+                                 "the placeholders are {c} (class) and {domain}.") from e
+        if self.batch_size < 1:
+            raise ValueError(f"{key}.batch_size: must be >= 1, got {self.batch_size}.")
+        if not self.logit_scale > 0:
+            raise ValueError(f"{key}.logit_scale: must be > 0, got {self.logit_scale} (CLIP uses 100).")
 
 
-def run_clip(job, progress: bool = True) -> dict:
-    """Zero-shot CLIP probabilities for every unlabeled image -> ``probs/clip.parquet``."""
-    paths = RunPaths(job.run_path)
-    cfg = job.teacher.clip
-    images = list_images(job.data.unlabeled, job.data.extensions)
-    if not images:
-        raise ValueError(f"data.unlabeled: no images found in {job.data.unlabeled!r} "
-                         f"(looked for {', '.join(job.data.extensions)}).")
-    hashes = [sha256_file(p) for p in images]
-    out = paths.teacher / "probs" / "clip.parquet"
-    feat_path = paths.teacher / "features" / "clip.npy"
-    settings = {"clip": asdict(cfg), "classes": job.class_names, "domain": job.domain, "model": job.models.clip}
-    key = stage_key(settings, extra=hashes)
-    if is_done(paths.teacher, "clip", key, [out, feat_path]):
-        log(f"clip: up to date ({len(images)} images in {out})")
-        return {"images": len(images), "computed": 0}
-    save_resolved_job(job, paths.teacher)
-    from distillery.models import load_clip, pick_device
+def class_weights(model, tokenizer, templates: list[str], class_names: list[str], domain: str,
+                  device: str) -> np.ndarray:
+    """The zero-shot classifier (C, D) of a template ensemble (open_clip's build_zero_shot_classifier)."""
+    text = np.stack([encode_texts(model, tokenizer, format_templates(templates, c, domain), device)
+                     for c in class_names])  # (C, M, D)
+    return zero_shot_weights(text)
 
-    t0 = time.perf_counter()
-    device = pick_device(cfg.device, key="teacher.clip.device")
+
+def image_features(ctx, model_ref: str, preprocess, device: str, batch_size: int, image_sets: list) -> list[np.ndarray]:
+    """CLIP image features of each image set, through the shared feature store (computed once per image)."""
+    from .features import clip_feature_store, clip_image_encoder
+
+    store = clip_feature_store(ctx.job, preprocess)
+    out = []
+    for images in image_sets:
+        store.ensure(images.paths, images.sha256, clip_image_encoder(model_ref, device), ctx.executor, batch_size,
+                     desc=f"{ctx.name} features", progress=ctx.progress)
+        out.append(store.get(images.sha256))
+    return out
+
+
+@register_teacher("clip", settings=ClipCfg, roles=("clip",), needs=("features:clip",))
+def run_clip(ctx) -> TeacherResult:
+    """Zero-shot CLIP probabilities for every unlabeled (and evaluation) image."""
+    from distillery.models import load_clip
+
+    cfg, job = ctx.cfg, ctx.job
+    device = ctx.device()
     model, preprocess, tokenizer = load_clip(job.models.clip, device=device)
-    text = np.stack([encode_texts(model, tokenizer, format_templates(cfg.templates, c, job.domain), device)
-                     for c in job.class_names])  # (C, M, D)
-    weights = zero_shot_weights(text)
-    feats = encode_images(model, preprocess, images, device, cfg.batch_size, progress)
-    probs = zero_shot_probs(feats, weights, cfg.logit_scale).astype(np.float32)
-    feat_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(feat_path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, feats.astype(np.float32))
-    write_table(out, {"path": [str(p.resolve()) for p in images], "sha256": hashes,
-                      "probs": [row.tolist() for row in probs]})
-    mark_done(paths.teacher, "clip", key, {"images": len(images)})
-    elapsed = time.perf_counter() - t0
-    log(f"clip: {len(images)} images in {elapsed:.1f}s -> {out}")
-    return {"images": len(images), "computed": len(images), "seconds": round(elapsed, 2)}
+    weights = class_weights(model, tokenizer, cfg.templates, job.class_names, job.domain_phrase, device)
+    sets = [ctx.images] + ([ctx.eval_images] if ctx.eval_images is not None else [])
+    feats = image_features(ctx, job.models.clip, preprocess, device, cfg.batch_size, sets)
+    probs = [zero_shot_probs(f, weights, cfg.logit_scale).astype(np.float32) for f in feats]
+    return TeacherResult(probs={"clip": probs[0]}, eval_probs={"clip": probs[1]} if len(probs) > 1 else {})

@@ -7,7 +7,8 @@ Each teacher ``t`` wrote ``teacher/probs/<t>.parquet`` (path, sha256, probs). Fo
 
 ``pseudo_labels.parquet`` keeps one ``p_<teacher>`` column per teacher beside the fused result.
 ``manifest.parquet`` is the training set: real images with their soft targets, and synthetic
-images with their generating class as a one-hot target.
+images with their generating class as a one-hot target; each row records the temperature its soft
+target was written at (1), for the student's distillation contract.
 """
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ from dataclasses import asdict
 
 import numpy as np
 
-from distillery.rundir import (RunPaths, is_done, log, mark_done, read_table, save_resolved_job, stage_key,
-                               write_table)
+from distillery.rundir import RunPaths, cached_stage, log, stage_key, write_json, write_table
+
+SOFT_TARGET_TEMPERATURE = 1.0  # the soft targets are written at temperature 1 (recorded per manifest row)
 
 
 def fuse(probs: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
-    """Weighted mean of per-teacher (N, C) probabilities; teachers with weight 0 are ignored."""
+    """Weighted mean of per-teacher (N, C) probabilities; columns with weight 0 (or no weight) are ignored."""
     used = {t: w for t, w in weights.items() if w > 0}
     missing = [t for t in used if t not in probs]
     if missing:
@@ -35,74 +37,120 @@ def agreement(probs: dict[str, np.ndarray], label: np.ndarray) -> np.ndarray:
     return votes.mean(axis=0)
 
 
-def teacher_files(paths: RunPaths, weights: dict[str, float]):
-    return {t: paths.teacher / "probs" / f"{t}.parquet" for t, w in weights.items() if w > 0}
+def columns_to_fuse(job) -> list[str]:
+    """Every column of the teachers that run (each gets a ``p_<column>`` in pseudo_labels.parquet)."""
+    from .base import TEACHERS, teachers_to_run
+
+    return [c for t in teachers_to_run(job) for c in TEACHERS[t].columns]
 
 
-def run_ensemble(job, progress: bool = True) -> dict:
+def run_ensemble(job, progress: bool = True, *, images=None, synthetic: list[dict] | None = None,
+                 synthetic_file=None) -> dict:
+    """Fuse the columns into soft labels (``pseudo_labels.parquet``) and write the manifest."""
+    from distillery.images import unlabeled_set
+
     paths = RunPaths(job.run_path)
     cfg = job.teacher.ensemble
-    files = teacher_files(paths, cfg.weights)
-    synth_used = cfg.use_synthetic and job.teacher.synth.enabled
-    inputs = list(files.values()) + ([paths.synthetic] if synth_used else [])
-    for t, f in files.items():
+    images = images if images is not None else unlabeled_set(job)
+    cols = columns_to_fuse(job)
+    files = {c: paths.probs(c) for c in cols}
+    for c, f in files.items():
         if not f.is_file():
-            raise FileNotFoundError(f"teacher.ensemble.weights.{t}: {str(f)!r} is missing; the {t!r} teacher has not "
-                                    "run. Run `distillery teacher` (it runs every teacher with a weight > 0).")
-    key = stage_key({"ensemble": asdict(cfg), "classes": job.class_names, "synth": synth_used}, inputs)
-    if is_done(paths.teacher, "ensemble", key, [paths.pseudo_labels, paths.manifest]):
-        log(f"ensemble: up to date ({paths.manifest})")
-        return {}
-    save_resolved_job(job, paths.teacher)
-    tables = {t: read_table(f, f"{t} probabilities") for t, f in files.items()}
-    ref = next(iter(tables.values()))
-    order = [r["sha256"] for r in ref]
-    probs = {}
+            raise FileNotFoundError(f"ensemble: {str(f)!r} is missing; the column {c!r} has not been computed. "
+                                    "Run `distillery teacher` (it runs every enabled teacher).")
+    synth_used = cfg.use_synthetic and synthetic is not None
+    inputs = list(files.values()) + ([synthetic_file] if synth_used else [])
+    key = stage_key({"ensemble": asdict(cfg), "classes": job.class_names, "synth": synth_used,
+                     "images": list(images.sha256)}, inputs)
+    return cached_stage(job, paths.teacher, "ensemble", key, [paths.pseudo_labels, paths.manifest],
+                        lambda: _write_ensemble(job, images, files, synthetic if synth_used else None),
+                        up_to_date=str(paths.manifest))
+
+
+def _write_ensemble(job, images, files: dict, synthetic: list[dict] | None) -> dict:
+    from .base import read_probs
+
+    paths = RunPaths(job.run_path)
+    cfg = job.teacher.ensemble
     n_classes = len(job.classes)
-    for t, rows in tables.items():
-        by_sha = {r["sha256"]: r["probs"] for r in rows}
-        if set(by_sha) != set(order):
-            raise ValueError(f"ensemble: teacher {t!r} scored a different set of images than the others; "
-                             "rerun the teacher stage so all teachers see the same unlabeled folder.")
-        p = np.asarray([by_sha[s] for s in order], dtype=np.float64)
+    probs = {}
+    for c, f in files.items():
+        p = read_probs(f, images, f"{c} probabilities")
         if p.shape[1] != n_classes:
-            raise ValueError(f"ensemble: teacher {t!r} has {p.shape[1]} classes, the job has {n_classes}; rerun it.")
-        probs[t] = p
+            raise ValueError(f"ensemble: column {c!r} has {p.shape[1]} classes, the job has {n_classes}; rerun it.")
+        probs[c] = p
     soft = fuse(probs, cfg.weights)
     label = soft.argmax(axis=1)
     conf = soft.max(axis=1)
-    agree = agreement(probs, label)
-    pl = {"path": [r["path"] for r in ref], "sha256": order}
+    used = {c: p for c, p in probs.items() if cfg.weights.get(c, 0) > 0}
+    agree = agreement(used, label)
+    pl = {"path": images.str_paths, "sha256": list(images.sha256)}
     for t, p in probs.items():
         pl[f"p_{t}"] = p.astype(np.float32).tolist()
     pl.update({"soft_target": soft.astype(np.float32).tolist(), "label": label.astype(np.int64).tolist(),
                "confidence": conf.astype(np.float32).tolist(), "agreement": agree.astype(np.float32).tolist()})
     write_table(paths.pseudo_labels, pl)
 
+    provenance = "ensemble:" + ",".join(f"{c}={cfg.weights[c]:g}" for c in sorted(used))
     rows = []
-    for i in range(len(order)):
-        rows.append({"path": pl["path"][i], "source": "real", "sha256": order[i], "label": int(label[i]),
+    for i in range(len(images)):
+        rows.append({"path": pl["path"][i], "source": "real", "sha256": pl["sha256"][i], "label": int(label[i]),
                      "soft_target": pl["soft_target"][i],
                      "weight": float(1.0 if conf[i] >= cfg.min_confidence else 0.0),
-                     "provenance": "ensemble:" + ",".join(sorted(probs))})
+                     "temperature": SOFT_TARGET_TEMPERATURE, "provenance": provenance})
     n_syn = 0
-    if synth_used:
-        for r in read_table(paths.synthetic, "synthetic table"):
-            onehot = np.zeros(n_classes, np.float32)
-            onehot[r["class_index"]] = 1.0
-            rows.append({"path": r["path"], "source": "synthetic", "sha256": r["sha256"], "label": int(r["class_index"]),
-                         "soft_target": onehot.tolist(), "weight": float(cfg.synthetic_weight),
-                         "provenance": f"synth:{r['trick']}:seed={r['seed']}"})
-            n_syn += 1
+    for r in synthetic or []:
+        onehot = np.zeros(n_classes, np.float32)
+        onehot[r["class_index"]] = 1.0
+        rows.append({"path": r["path"], "source": "synthetic", "sha256": r["sha256"], "label": int(r["class_index"]),
+                     "soft_target": onehot.tolist(), "weight": float(cfg.synthetic_weight),
+                     "temperature": SOFT_TARGET_TEMPERATURE, "provenance": f"synth:{r['trick']}:seed={r['seed']}"})
+        n_syn += 1
     import pyarrow as pa
 
     schema = pa.schema([("path", pa.string()), ("source", pa.string()), ("sha256", pa.string()),
                         ("label", pa.int64()), ("soft_target", pa.list_(pa.float32())), ("weight", pa.float32()),
-                        ("provenance", pa.string())])
+                        ("temperature", pa.float32()), ("provenance", pa.string())])
     write_table(paths.manifest, rows, schema=schema)
     counts = np.bincount(label, minlength=n_classes).tolist()
-    info = {"real": len(order), "synthetic": n_syn, "pseudo_label_counts": dict(zip(job.class_names, counts)),
+    info = {"real": len(images), "synthetic": n_syn, "columns": list(probs), "weights": {c: cfg.weights[c] for c in used},
+            "pseudo_label_counts": dict(zip(job.class_names, counts)),
             "mean_confidence": round(float(conf.mean()), 4), "mean_agreement": round(float(agree.mean()), 4)}
-    mark_done(paths.teacher, "ensemble", key, info)
-    log(f"ensemble: {len(order)} real + {n_syn} synthetic rows -> {paths.manifest}")
+    log(f"ensemble: {len(images)} real + {n_syn} synthetic rows -> {paths.manifest}")
     return info
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation only: each column's top-1 on data.eval (the folder names are the labels; no stage trains on them).
+
+
+def eval_labels(job, images) -> np.ndarray:
+    """Class index per evaluation image from its top folder (ClassSpec.folder, or the class name); -1 if none."""
+    from pathlib import Path
+
+    folder_to_class = {(c.folder or c.name): i for i, c in enumerate(job.classes)}
+    root = Path(job.data.eval)
+    return np.array([folder_to_class.get(Path(p).relative_to(root).parts[0], -1) for p in images.paths], np.int64)
+
+
+def evaluate_columns(job, images, eval_columns: dict[str, np.ndarray]) -> dict:
+    """``teacher/eval.json``: top-1 of every column and of the ensemble on the evaluation images."""
+    paths = RunPaths(job.run_path)
+    labels = eval_labels(job, images)
+    known = labels >= 0
+    out = {"images": int(known.sum()), "unmatched_images": int((~known).sum()), "columns": {}}
+    if not known.any() or not eval_columns:
+        write_json(paths.teacher_eval, out)
+        return out
+    cols = dict(eval_columns)
+    weights = job.teacher.ensemble.weights
+    if all(c in cols for c, w in weights.items() if w > 0):
+        cols["ensemble"] = fuse(cols, weights)
+    for c, p in cols.items():
+        pred = np.asarray(p).argmax(axis=1)
+        per_class = {job.class_names[k]: round(float((pred[known & (labels == k)] == k).mean()), 4)
+                     for k in range(len(job.classes)) if (known & (labels == k)).any()}
+        out["columns"][c] = {"top1": round(float((pred[known] == labels[known]).mean()), 4), "per_class": per_class}
+    write_json(paths.teacher_eval, out)
+    log("eval: top-1 on data.eval: " + ", ".join(f"{c} {v['top1']:.4f}" for c, v in out["columns"].items()))
+    return out

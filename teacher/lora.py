@@ -20,19 +20,21 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from distillery.rundir import (RunPaths, is_done, list_images, log, mark_done, read_json, save_resolved_job,
-                               sha256_file, stage_key, write_json)
+from distillery.rundir import LORA_WEIGHT_NAME as WEIGHT_NAME  # diffusers' default name, read by load_lora_weights
+from distillery.rundir import RunPaths, is_done, log, mark_done, read_json, save_resolved_job, sha256_file, \
+    stage_key, write_json
 
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default name, read by load_lora_weights(folder)
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what the UNet predicts (the scheduler's prediction_type)
 
 
 def lora_dir(job) -> Path:
-    return RunPaths(job.run_path).teacher / "lora"
+    return RunPaths(job.run_path).lora
 
 
 def lora_weights_path(job) -> Path:
-    return lora_dir(job) / WEIGHT_NAME
+    """``teacher/lora/pytorch_lora_weights.safetensors``: diffusers' default name, read by load_lora_weights(folder)."""
+    return RunPaths(job.run_path).lora_weights
 
 
 def active_lora(job) -> Path | None:
@@ -42,7 +44,7 @@ def active_lora(job) -> Path | None:
 
 
 def caption(job) -> str:
-    return job.teacher.lora.caption.format(domain=job.domain)
+    return job.teacher.lora.caption.format(domain=job.domain_phrase)
 
 
 def lora_seed(job) -> int:
@@ -124,10 +126,11 @@ def load_batch(paths: list[Path], resolution: int, flips: list[bool]):
     import torch
     from PIL import Image
 
+    from distillery.images import load_rgb
+
     out = []
     for p, flip in zip(paths, flips):
-        with Image.open(p) as im:
-            im = im.convert("RGB")
+        with load_rgb(p) as im:
             w, h = im.size
             s = resolution / min(w, h)
             im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
@@ -139,13 +142,28 @@ def load_batch(paths: list[Path], resolution: int, flips: list[bool]):
     return torch.stack(out) / 127.5 - 1.0
 
 
+def lora_target(scheduler, latents, noise, timesteps):
+    """What the UNet is trained to predict, by the scheduler's ``prediction_type``: the noise (epsilon), the
+    velocity v = sqrt(ᾱ_t)·ε − sqrt(1−ᾱ_t)·x₀ (v_prediction), or the clean latents x₀ (sample)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise ValueError(f"models.diffusion: the scheduler's prediction_type {kind!r} is not supported by the LoRA "
+                     f"objective; supported: {', '.join(PREDICTION_TYPES)}.")
+
+
 def train_lora(pipe, images: list[Path], text: str, cfg, resolution: int, seed: int, steps: int | None = None,
                progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Train the adapter already added to ``pipe.unet`` with the noise-prediction MSE; returns the loss per step.
 
     Each optimizer step takes ``cfg.grad_accum`` micro-batches of ``cfg.batch_size`` images drawn with
-    replacement. Timesteps uniform over the scheduler's training range; the target is the noise (or the
-    velocity for v-prediction models). Deterministic for a given seed on a given device.
+    replacement. Timesteps uniform over the scheduler's training range; the target is :func:`lora_target`
+    (noise, velocity or clean latents, by the scheduler's prediction type). Deterministic for a given seed on a
+    given device.
     """
     import torch
     import torch.nn.functional as F
@@ -185,10 +203,7 @@ def train_lora(pipe, images: list[Path], text: str, cfg, resolution: int, seed: 
             noise = torch.randn(latents.shape, generator=gen).to(device)
             t = torch.randint(0, n_train, (cfg.batch_size,), generator=gen).to(device)
             noisy = noise_sched.add_noise(latents, noise, t)
-            if noise_sched.config.prediction_type == "v_prediction":
-                target = noise_sched.get_velocity(latents, noise, t)
-            else:
-                target = noise
+            target = lora_target(noise_sched, latents, noise, t)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=cond.expand(cfg.batch_size, -1, -1)).sample
             loss = F.mse_loss(pred.float(), target.float()) / cfg.grad_accum
@@ -214,15 +229,6 @@ def train_lora(pipe, images: list[Path], text: str, cfg, resolution: int, seed: 
 # The stage.
 
 
-def unlabeled_images(job) -> list[Path]:
-    images = list_images(job.data.unlabeled, job.data.extensions)
-    if not images:
-        raise FileNotFoundError(f"data.unlabeled: no images in {job.data.unlabeled!r} (extensions "
-                                f"{job.data.extensions}); the domain LoRA trains on them. Add images or set "
-                                "teacher.lora.enabled=false.")
-    return images
-
-
 def lora_settings(job) -> dict:
     from dataclasses import asdict
 
@@ -232,16 +238,20 @@ def lora_settings(job) -> dict:
             "diffusion": job.models.diffusion, "target_modules": list(TARGET_MODULES)}
 
 
-def run_lora(job, progress: bool = True) -> dict:
-    """Train (or skip) the domain LoRA and write ``teacher/lora/``."""
+def run_lora(job, progress: bool = True, images=None) -> dict:
+    """Train (or skip) the domain LoRA on the unlabeled images (an ImageSet) and write ``teacher/lora/``."""
+    from distillery.images import unlabeled_set
+
     cfg = job.teacher.lora
     if not cfg.enabled:
         log("lora: disabled (teacher.lora.enabled=false); synthesis uses the plain diffusion model")
         return {"enabled": False}
-    folder = lora_dir(job)
-    images = unlabeled_images(job)
-    key = stage_key(lora_settings(job), images)
-    weights, loss_file = folder / WEIGHT_NAME, folder / "loss.json"
+    paths = RunPaths(job.run_path)
+    folder = paths.lora
+    image_set = images if images is not None else unlabeled_set(job)
+    images = image_set.paths
+    key = stage_key(lora_settings(job), extra=list(image_set.sha256))
+    weights, loss_file = paths.lora_weights, paths.lora_loss
     if is_done(folder, "lora", key, [weights, loss_file]):
         info = read_json(loss_file)
         log(f"lora: up to date ({weights}, trainable share {info['trainable_share']:.4%})")
@@ -289,18 +299,22 @@ def run_lora(job, progress: bool = True) -> dict:
 # Cost before spending, and the share of trainable parameters of a real UNet layout.
 
 
-def estimate(job, pipe_loader: Callable, calib_steps: int = 2) -> dict:
+def estimate(job, pipe_loader: Callable, calib_steps: int = 2, images=None) -> dict:
     """Images, UNet evaluations and an estimated time for the stage, from ``calib_steps`` timed training steps.
 
     ``pipe_loader()`` returns a fresh fp32 pipeline on the stage's device. A training UNet evaluation is a
     forward and a backward pass of one image. Nothing is written.
     """
+    from distillery.images import unlabeled_set
+
     cfg = job.teacher.lora
-    images = unlabeled_images(job)
+    image_set = images if images is not None else unlabeled_set(job, record=False)
+    images = image_set.paths
     evals = cfg.steps * cfg.grad_accum * cfg.batch_size
     row = {"stage": "lora", "images": len(images), "unet_evals": evals, "evals_note": "fwd+bwd"}
-    done = is_done(lora_dir(job), "lora", stage_key(lora_settings(job), images),
-                   [lora_weights_path(job), lora_dir(job) / "loss.json"])
+    paths = RunPaths(job.run_path)
+    done = is_done(paths.lora, "lora", stage_key(lora_settings(job), extra=list(image_set.sha256)),
+                   [paths.lora_weights, paths.lora_loss])
     if done:
         return {**row, "unet_evals": 0, "estimate_s": 0.0, "note": "up to date"}
     t0 = time.perf_counter()

@@ -41,11 +41,12 @@ def image_grid(cells: list[list[str | os.PathLike]], labels: list[str], title: s
     return grid
 
 
-def write_report(job) -> Path:
-    """``teacher/report.md``: grids per trick, the domain LoRA's figures, synthesis counts."""
+def write_report(job, images=None) -> Path:
+    """``teacher/report.md``: grids per trick, the domain LoRA's figures, synthesis counts, the unlabeled images
+    left out, each teacher column's class histogram and confidence (and its top-1 on data.eval when set)."""
     paths = RunPaths(job.run_path)
     lines = [f"# Teacher report: {job.name}", ""]
-    loss = paths.teacher / "lora" / "loss.json"
+    loss = paths.lora_loss
     if job.teacher.lora.enabled and loss.is_file():
         info = read_json(loss)
         lines += ["## Domain LoRA", "",
@@ -63,12 +64,41 @@ def write_report(job) -> Path:
         lines += ["## Synthetic images", "",
                   f"- {len(rows)} images, {len(job.classes)} classes, tricks {', '.join(tricks)}", ""]
         for t in tricks:
-            g = paths.teacher / "grids" / f"{t}.png"
+            g = paths.grid(t)
             if g.is_file():
-                lines += [f"### {t}", "", f"![{t}](grids/{t}.png)", ""]
-    dest = paths.teacher / "report.md"
+                lines += [f"### {t}", "", f"![{t}]({g.relative_to(paths.teacher).as_posix()})", ""]
+    if images is not None:
+        lines += ["## Unlabeled images", "", f"- {len(images)} readable images in {images.source}",
+                  f"- {len(images.skipped)} skipped" + (":" if images.skipped else ""), ""]
+        lines += [f"  - `{p}`: {why}" for p, why in images.skipped[:200]]
+        if len(images.skipped) > 200:
+            lines.append(f"  - ... and {len(images.skipped) - 200} more (all in teacher/images.parquet)")
+        lines.append("")
+    lines += _column_lines(job, paths)
+    dest = paths.teacher_report
     text = "\n".join(lines)
     if not (dest.is_file() and dest.read_text(encoding="utf-8") == text):  # an unchanged rerun touches nothing
         with atomic_path(dest) as tmp:
             tmp.write_text(text, encoding="utf-8")
     return dest
+
+
+def _column_lines(job, paths: RunPaths) -> list[str]:
+    """Label-free figures per teacher column (class histogram, mean confidence), and top-1 on data.eval."""
+    import numpy as np
+
+    if not paths.pseudo_labels.is_file():
+        return []
+    rows = read_table(paths.pseudo_labels)
+    cols = [k[2:] for k in rows[0] if k.startswith("p_")] + ["soft_target"] if rows else []
+    ev = read_json(paths.teacher_eval).get("columns", {}) if paths.teacher_eval.is_file() else {}
+    lines = ["## Teacher columns", "", "| column | mean confidence | " + " | ".join(job.class_names) +
+             " | top-1 on data.eval |", "|---|---:|" + "---:|" * len(job.class_names) + "---:|"]
+    for c in cols:
+        p = np.asarray([r[c if c == "soft_target" else f"p_{c}"] for r in rows])
+        hist = np.bincount(p.argmax(1), minlength=len(job.class_names))
+        name = "ensemble" if c == "soft_target" else c
+        top1 = ev.get(name, {}).get("top1")
+        lines.append(f"| {name} | {p.max(1).mean():.3f} | " + " | ".join(str(int(h)) for h in hist) +
+                     f" | {'-' if top1 is None else f'{top1:.4f}'} |")
+    return lines + [""]

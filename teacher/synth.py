@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from distillery.job import settings_hash
 from distillery.rundir import (RunPaths, atomic_path, is_done, log, mark_done, read_table, save_resolved_job,
-                               sha256_file, stage_key, write_table)
+                               settings_hash, sha256_file, stage_key, write_table)
 
 # SPEC §1: the ten general domains and the satellite form with its five styles.
 GENERAL_DOMAINS = ("photo", "drawing", "painting", "sketch", "collage", "poster", "digital art image",
@@ -31,6 +30,7 @@ GENERAL_DOMAINS = ("photo", "drawing", "painting", "sketch", "collage", "poster"
 SATELLITE_STYLES = ("realistic photo", "drawing", "painting", "sketch", "3D rendering")
 RANDOM_GUIDANCE_RANGE = (1.0, 5.0)
 ALL_TRICKS = ("base", "class_prompt", "multi_domain", "random_guidance")
+TRICK_NAMES = ALL_TRICKS + ("all",)  # what teacher.synth.tricks accepts
 
 
 @dataclass
@@ -65,7 +65,12 @@ def is_satellite(domain: str) -> bool:
 
 
 def expand_tricks(tricks: list[str], domain: str | None = None) -> list[str]:
-    """Resolve ``all`` into the individual tricks (``class_prompt`` is left out where a domain word is set)."""
+    """Resolve ``all`` into the individual tricks.
+
+    ``class_prompt`` ("{class}" alone) is part of ``all`` only when the job sets no domain word (``domain: null``,
+    the default): SPEC §1, it hurts ambiguous class names, and a domain word is what disambiguates them. List
+    ``class_prompt`` explicitly to have it with a domain word too (DDN's best CIFAR-10 result included it).
+    """
     out: list[str] = []
     for t in tricks:
         if t == "all":
@@ -87,7 +92,7 @@ def trick_prompt(trick: str, class_name: str, index: int, domain: str) -> str:
             style = SATELLITE_STYLES[index % len(SATELLITE_STYLES)]
             return f"a satellite photo of a {class_name} in the style of a {style}"
         return f"a {GENERAL_DOMAINS[index % len(GENERAL_DOMAINS)]} of a {class_name}"
-    raise ValueError(f"unknown trick {trick!r}; choose from {', '.join(ALL_TRICKS + ('all',))}")
+    raise ValueError(f"unknown trick {trick!r}; choose from {', '.join(TRICK_NAMES)}")
 
 
 def trick_guidance(trick: str, seed: int, default: float) -> float:
@@ -109,7 +114,7 @@ def plan(job) -> list[PlannedImage]:
                 seed = image_seed(job.seed, c.name, trick, i)
                 rows.append(PlannedImage(
                     class_index=ci, class_name=c.name, trick=trick, index=i,
-                    prompt=trick_prompt(trick, c.name, i, job.domain), negative_prompt=s.negative_prompt,
+                    prompt=trick_prompt(trick, c.name, i, job.domain_phrase), negative_prompt=s.negative_prompt,
                     guidance=trick_guidance(trick, seed, s.guidance), steps=s.steps, seed=seed,
                     relpath=f"synthetic/{folder}/{trick}/{i:05d}.png",
                 ))
@@ -220,14 +225,45 @@ def synth_settings(job, lora_sha: str | None = None) -> dict:
             "seed": job.seed, "diffusion": job.models.diffusion, "lora": lora_sha}
 
 
-def run_synth(job, progress: bool = True) -> dict:
+def _synth_worker(diffusion: str, device: str, half: bool, lora_file: str | None, steps: int, resolution: int,
+                  output_size: int | None, antialias: bool):
+    """Runs where the model lives: load the pipeline (and LoRA) once, then turn batches of planned images into
+    PNG bytes (one per image, in order)."""
+    import io
+
+    from distillery.models import load_diffusion
+
+    from .lora import load_lora
+
+    pipe = load_diffusion(diffusion, device=device, half=half)
+    if lora_file:
+        load_lora(pipe, Path(lora_file))
+
+    def fn(batch: list[PlannedImage]) -> list[bytes]:
+        images = generate(pipe, [p.prompt for p in batch], [p.guidance for p in batch], [p.seed for p in batch],
+                          steps, [p.negative_prompt for p in batch], resolution=resolution)
+        out = []
+        for im in to_pil(images, output_size, antialias):
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            out.append(buf.getvalue())
+        return out
+
+    return fn
+
+
+def run_synth(job, progress: bool = True, executor=None) -> dict:
     """Generate (or complete) the synthetic set and write ``synthetic.parquet`` and ``grids/<trick>.png``.
 
-    Uses the domain LoRA (``teacher/lora/``) when it is present and ``teacher.lora.enabled``.
+    Uses the domain LoRA (``teacher/lora/``) when it is present and ``teacher.lora.enabled``. The images are
+    made through ``executor`` (per-batch map where the model lives); this driver writes each file as it
+    arrives (temporary name, then rename) and logs it, so a crash keeps every finished image.
     """
-    from tqdm import tqdm
+    from functools import partial
 
-    from .lora import active_lora, load_lora
+    from distillery.executor import get_executor
+
+    from .lora import active_lora
 
     paths = RunPaths(job.run_path)
     s = job.teacher.synth
@@ -238,8 +274,7 @@ def run_synth(job, progress: bool = True) -> dict:
     todo = pending(job, planned, lora_sha)
     if not todo and is_done(paths.teacher, "synth", key, [paths.synthetic]):
         log(f"synth: up to date ({len(planned)} images in {paths.synthetic})")
-        if s.grid_samples and not all((paths.teacher / "grids" / f"{t}.png").is_file()
-                                      for t in expand_tricks(s.tricks, job.domain)):
+        if s.grid_samples and not all(paths.grid(t).is_file() for t in expand_tricks(s.tricks, job.domain)):
             write_grids(job, read_table(paths.synthetic))
         return {"images": len(planned), "generated": 0}
     log(f"synth: {len(planned)} images planned, {len(planned) - len(todo)} already on disk, generating {len(todo)}"
@@ -248,28 +283,21 @@ def run_synth(job, progress: bool = True) -> dict:
     save_resolved_job(job, paths.teacher)
     t0 = time.perf_counter()
     if todo:
-        from distillery.models import load_diffusion, pick_device
+        from distillery.models import pick_device
 
         device = pick_device(s.device, key="teacher.synth.device")
-        pipe = load_diffusion(job.models.diffusion, device=device, half=s.half)
-        if lora_file:
-            load_lora(pipe, lora_file)
-        bar = tqdm(total=len(todo), desc="synth", unit="img", disable=not progress)
+        make_fn = partial(_synth_worker, job.models.diffusion, device, s.half, str(lora_file) if lora_file else None,
+                          s.steps, s.resolution, s.output_size, s.antialias)
+        executor = executor or get_executor(job)
         with open(_progress_log(paths), "a", encoding="utf-8") as logf:
-            for b in range(0, len(todo), s.batch_size):
-                batch = todo[b:b + s.batch_size]
-                images = generate(pipe, [p.prompt for p in batch], [p.guidance for p in batch],
-                                  [p.seed for p in batch], s.steps, [p.negative_prompt for p in batch],
-                                  resolution=s.resolution)
-                for p, im in zip(batch, to_pil(images, s.output_size, s.antialias)):
+            for batch, pngs in executor.map_batches(make_fn, todo, s.batch_size, desc="synth", progress=progress):
+                for p, png in zip(batch, pngs):
                     dest = paths.teacher / p.relpath
                     with atomic_path(dest) as tmp:
-                        im.save(tmp, format="PNG")
+                        tmp.write_bytes(png)
                     logf.write(json.dumps({"relpath": p.relpath, "sha256": sha256_file(dest),
                                            "recipe": image_recipe(p, job, lora_sha)}) + "\n")
                     logf.flush()
-                bar.update(len(batch))
-        bar.close()
     elapsed = time.perf_counter() - t0
     recorded = _recorded(paths)
     rows = []
@@ -302,12 +330,12 @@ def write_grids(job, rows: list[dict]) -> list[Path]:
     if not s.grid_samples:
         return []
     out = []
-    grids = RunPaths(job.run_path).teacher / "grids"
+    paths = RunPaths(job.run_path)
     for trick in expand_tricks(s.tricks, job.domain):
         cells = [[r["path"] for r in rows if r["trick"] == trick and r["class_name"] == c and r["index"] < s.grid_samples]
                  for c in job.class_names]
         img = image_grid(cells, job.class_names, title=trick)
-        dest = grids / f"{trick}.png"
+        dest = paths.grid(trick)
         with atomic_path(dest) as tmp:
             img.save(tmp, format="PNG")
         out.append(dest)

@@ -1,0 +1,266 @@
+"""The teacher interface: a teacher is one module that registers itself, and one runner runs them all.
+
+A probability teacher declares, where it is defined (as timm's ``@register_model``)::
+
+    @dataclass
+    class MyCfg(TeacherSettings):          # its settings: job key teacher.<name>.*
+        k: int = 16                         # one short comment per field
+        def check(self, key):               # optional: raise ValueError naming f"{key}.k"
+            ...
+
+    @register_teacher("mine", settings=MyCfg, roles=("clip",), needs=("teacher:clip",),
+                      columns=("mine",))
+    def run_mine(ctx: TeacherContext) -> TeacherResult:
+        ...                                 # (N, C) probabilities for ctx.images (and ctx.eval_images)
+
+- ``roles``: the model roles it loads (``models.<role>``), checked before any work.
+- ``needs``: ``"teacher:<name>"`` (that teacher's columns, in ``ctx.columns``; it runs first, even when it is
+  not enabled itself), ``"synthetic"`` (the synthetic set, ``ctx.synthetic``), ``"features:<role>"``
+  (uses the shared feature store of that role's encoder; no ordering needed).
+- ``columns``: the probability columns it writes (default: its name). Each becomes
+  ``teacher/probs/<column>.parquet`` and a ``p_<column>`` column of ``pseudo_labels.parquet``; the
+  ensemble weighs columns (``teacher.ensemble.weights``).
+
+The runner (:func:`run_teachers`) orders teachers by their needs, runs every enabled one (and what they need),
+and does list -> hash -> stamp -> skip -> write once for all: a teacher only computes.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from distillery.rundir import RunPaths, is_done, log, mark_done, read_table, save_resolved_job, settings_hash, \
+    write_table
+
+__all__ = ["TeacherSettings", "TeacherSpec", "TeacherContext", "TeacherResult", "TEACHERS", "register_teacher",
+           "teacher_order", "run_teachers", "all_columns", "column_owner", "teachers_to_run"]
+
+
+@dataclass
+class TeacherSettings:
+    """Settings every probability teacher has; a teacher's own dataclass extends these."""
+
+    enabled: bool = True  # run this teacher (also run when another enabled teacher needs it)
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
+
+    def check(self, key: str) -> None:
+        """Raise ValueError naming ``{key}.<field>``, the value and the fix; the base checks nothing."""
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    name: str
+    run: Callable[["TeacherContext"], "TeacherResult"]
+    settings: type
+    roles: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()
+    columns: tuple[str, ...] = ()
+    version: str = "1"  # bump when the method changes what it computes, so stamps are invalidated
+    doc: str = ""
+
+    @property
+    def teacher_needs(self) -> list[str]:
+        return [n.split(":", 1)[1] for n in self.needs if n.startswith("teacher:")]
+
+
+TEACHERS: dict[str, TeacherSpec] = {}
+
+
+def register_teacher(name: str, *, settings: type = TeacherSettings, roles: tuple[str, ...] = (),
+                     needs: tuple[str, ...] = (), columns: tuple[str, ...] | None = None, version: str = "1"):
+    """Decorator: register ``fn(ctx) -> TeacherResult`` as the teacher ``name`` (see the module docstring)."""
+    if not name.isidentifier():
+        raise ValueError(f"register_teacher: {name!r} is not a valid teacher name (letters, digits, _).")
+    for n in needs:
+        kind = n.split(":", 1)[0]
+        if kind not in ("teacher", "synthetic", "features"):
+            raise ValueError(f"register_teacher({name!r}): unknown need {n!r}; use 'teacher:<name>', 'synthetic' "
+                             "or 'features:<role>'.")
+
+    def deco(fn: Callable) -> Callable:
+        TEACHERS[name] = TeacherSpec(name, fn, settings, tuple(roles), tuple(needs), tuple(columns or (name,)),
+                                     version, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "")
+        return fn
+
+    return deco
+
+
+def all_columns() -> dict[str, str]:
+    """Every probability column a registered teacher can write -> the teacher that writes it."""
+    return {c: s.name for s in TEACHERS.values() for c in s.columns}
+
+
+def column_owner(column: str) -> str | None:
+    return all_columns().get(column)
+
+
+def teacher_order(names: list[str]) -> list[str]:
+    """``names`` plus everything they need, dependencies first (stable: registration order otherwise)."""
+    order: list[str] = []
+    visiting: list[str] = []
+
+    def visit(n: str) -> None:
+        if n in order:
+            return
+        if n in visiting:
+            raise ValueError(f"teachers: circular needs {' -> '.join(visiting + [n])}.")
+        if n not in TEACHERS:
+            raise ValueError(f"teachers: {n!r} is needed but not registered; available: {', '.join(TEACHERS)}.")
+        visiting.append(n)
+        for d in TEACHERS[n].teacher_needs:
+            visit(d)
+        visiting.pop()
+        order.append(n)
+
+    for n in [t for t in TEACHERS if t in names]:
+        visit(n)
+    return order
+
+
+def teachers_to_run(job) -> list[str]:
+    """The enabled teachers of ``job`` and what they need, in the order they run."""
+    return teacher_order([n for n in TEACHERS if job.teacher.settings(n).enabled])
+
+
+@dataclass
+class TeacherContext:
+    """What a teacher gets: the job, its settings, the images, the shared stores, the columns so far."""
+
+    job: Any
+    name: str
+    cfg: Any  # this teacher's settings (job.teacher.<name>)
+    paths: RunPaths
+    images: Any  # distillery.images.ImageSet: the unlabeled images, rows of every column
+    eval_images: Any | None  # the evaluation images (no labels), or None
+    executor: Any
+    progress: bool = True
+    columns: dict[str, np.ndarray] = field(default_factory=dict)  # earlier teachers' (N, C) columns
+    eval_columns: dict[str, np.ndarray] = field(default_factory=dict)  # the same on eval_images
+    synthetic: list[dict] | None = None  # rows of synthetic.parquet (needs "synthetic")
+
+    @property
+    def out_dir(self) -> Path:
+        """This teacher's own folder (``teacher/<name>/``) for side tables and weights."""
+        return self.paths.teacher_dir(self.name)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.job.classes)
+
+    def device(self) -> str:
+        from distillery.models import pick_device
+
+        return pick_device(self.cfg.device, key=f"teacher.{self.name}.device")
+
+
+@dataclass
+class TeacherResult:
+    """What a teacher returns: (N, C) probabilities per column (rows = ``ctx.images``), and optionally the
+    same columns on ``ctx.eval_images``, side tables (written to ``teacher/<name>/<table>.parquet``) and
+    figures for the report."""
+
+    probs: dict[str, np.ndarray]
+    eval_probs: dict[str, np.ndarray] = field(default_factory=dict)
+    tables: dict[str, Any] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+def _write_probs(path: Path, images, probs: np.ndarray) -> None:
+    write_table(path, {"path": images.str_paths, "sha256": list(images.sha256),
+                       "probs": [row.tolist() for row in np.asarray(probs, np.float32)]})
+
+
+def read_probs(path: Path, images, what: str) -> np.ndarray:
+    """A probability table, aligned to ``images`` by sha256."""
+    rows = read_table(path, what)
+    by_sha = {r["sha256"]: r["probs"] for r in rows}
+    missing = [s for s in images.sha256 if s not in by_sha]
+    if missing:
+        raise ValueError(f"{what} {str(path)!r} has no row for {len(missing)} image(s); rerun `distillery teacher`.")
+    return np.asarray([by_sha[s] for s in images.sha256], dtype=np.float64)
+
+
+def _check_result(spec: TeacherSpec, res: TeacherResult, n: int, n_eval: int | None, c: int) -> None:
+    if set(res.probs) != set(spec.columns):
+        raise RuntimeError(f"teacher {spec.name!r} returned columns {sorted(res.probs)}, registered {list(spec.columns)}.")
+    for col, p in res.probs.items():
+        p = np.asarray(p)
+        if p.shape != (n, c):
+            raise RuntimeError(f"teacher {spec.name!r}: column {col!r} has shape {p.shape}, expected ({n}, {c}).")
+        if not np.all(np.isfinite(p)) or np.abs(p.sum(axis=1) - 1).max() > 1e-3 or p.min() < -1e-6:
+            raise RuntimeError(f"teacher {spec.name!r}: column {col!r} is not a probability distribution per row.")
+    if n_eval is not None and res.eval_probs:
+        for col, p in res.eval_probs.items():
+            if np.asarray(p).shape != (n_eval, c):
+                raise RuntimeError(f"teacher {spec.name!r}: eval column {col!r} has shape {np.shape(p)}, "
+                                   f"expected ({n_eval}, {c}).")
+
+
+def teacher_key(job, spec: TeacherSpec, images, eval_images, input_files: list[Path]) -> str:
+    from distillery.rundir import sha256_file
+
+    roles = {r: getattr(job.models, r) for r in spec.roles}
+    settings = {k: v for k, v in asdict(job.teacher.settings(spec.name)).items() if k != "device"}
+    return settings_hash(spec.name, spec.version, settings, job.class_names,
+                         job.domain, job.seed, roles, list(images.sha256),
+                         list(eval_images.sha256) if eval_images is not None else None,
+                         [(p.name, sha256_file(p)) for p in input_files])
+
+
+def run_teachers(job, images, eval_images, executor, progress: bool = True, synthetic: list[dict] | None = None,
+                 synthetic_file: Path | None = None) -> dict:
+    """Run every teacher of ``job`` in need order; each skips itself when its stamp matches."""
+    paths = RunPaths(job.run_path)
+    columns: dict[str, np.ndarray] = {}
+    eval_columns: dict[str, np.ndarray] = {}
+    info: dict[str, Any] = {}
+    for name in teachers_to_run(job):
+        spec = TEACHERS[name]
+        cfg = job.teacher.settings(name)
+        if not cfg.enabled:
+            log(f"{name}: runs because {', '.join(t for t in TEACHERS if name in TEACHERS[t].teacher_needs)} "
+                "needs it")
+        if "synthetic" in spec.needs and synthetic is None:
+            raise ValueError(f"teacher.{name}: needs the synthetic set, but there is none; enable teacher.synth "
+                             f"(or provide {str(paths.synthetic)!r}), or set teacher.{name}.enabled=false.")
+        inputs = [paths.probs(c) for d in spec.teacher_needs for c in TEACHERS[d].columns]
+        if "synthetic" in spec.needs and synthetic_file is not None:
+            inputs.append(synthetic_file)
+        key = teacher_key(job, spec, images, eval_images, inputs)
+        outs = [paths.probs(c) for c in spec.columns]
+        eval_outs = [paths.eval_probs(c) for c in spec.columns] if eval_images is not None else []
+        stage = f"teacher-{name}"
+        if is_done(paths.teacher, stage, key, outs):
+            log(f"{name}: up to date ({len(images)} images -> {', '.join(o.name for o in outs)})")
+            for c in spec.columns:
+                columns[c] = read_probs(paths.probs(c), images, f"{c} probabilities")
+                if eval_images is not None and paths.eval_probs(c).is_file():
+                    eval_columns[c] = read_probs(paths.eval_probs(c), eval_images, f"{c} evaluation probabilities")
+            info[name] = {"images": len(images), "computed": 0}
+            continue
+        save_resolved_job(job, paths.teacher)
+        ctx = TeacherContext(job, name, cfg, paths, images, eval_images, executor, progress, dict(columns),
+                             dict(eval_columns), synthetic)
+        t0 = time.perf_counter()
+        res = spec.run(ctx)
+        elapsed = time.perf_counter() - t0
+        _check_result(spec, res, len(images), len(eval_images) if eval_images is not None else None, len(job.classes))
+        for c, p in res.probs.items():
+            _write_probs(paths.probs(c), images, p)
+            columns[c] = np.asarray(p, np.float64)
+        for o in eval_outs:
+            o.unlink(missing_ok=True)
+        for c, p in res.eval_probs.items():
+            _write_probs(paths.eval_probs(c), eval_images, p)
+            eval_columns[c] = np.asarray(p, np.float64)
+        for tname, rows in res.tables.items():
+            write_table(ctx.out_dir / f"{tname}.parquet", rows)
+        stamp = {**res.info, "images": len(images), "seconds": round(elapsed, 2)}
+        mark_done(paths.teacher, stage, key, stamp)
+        log(f"{name}: {len(images)} images in {elapsed:.1f}s -> {', '.join(o.name for o in outs)}")
+        info[name] = {**stamp, "computed": len(images)}
+    return {"columns": columns, "eval_columns": eval_columns, "info": info}
