@@ -152,10 +152,26 @@ def unlabeled_set(job, record: bool = True) -> ImageSet:
 
 
 def eval_set(job) -> ImageSet | None:
-    """The images of ``data.eval`` (no labels: the folder names are read by evaluation code only), or None."""
+    """The images of ``data.eval`` in the sub-folders named by the job's classes (ClassSpec.folder, or the name),
+    or None without ``data.eval``. Teachers predict them without labels; only evaluation code maps the folder
+    names to classes. Images in other folders are left out and counted (``skipped``)."""
     if not job.data.eval:
         return None
-    return _scan(job.data.eval, tuple(job.data.extensions), {}, "data.eval")
+    s = _scan(job.data.eval, tuple(job.data.extensions), {}, "data.eval")
+    root = Path(job.data.eval)
+    folders = {c.folder or c.name for c in job.classes}
+    keep = [i for i, p in enumerate(s.paths) if p.relative_to(root).parts[0] in folders]
+    other = sorted({s.paths[i].relative_to(root).parts[0] for i in range(len(s)) if i not in set(keep)})
+    out = s.subset(keep)
+    out.skipped = s.skipped + [(str(root / f), "folder is not a class of the job") for f in other]
+    if other:
+        log(f"data.eval: {len(s) - len(keep)} image(s) in {len(other)} folder(s) that name no class of the job "
+            f"({', '.join(other[:5])}{' ...' if len(other) > 5 else ''}) are left out of evaluation")
+    if not len(out):
+        raise FileNotFoundError(f"data.eval: no images in {str(root)!r} under folders named like the job's classes "
+                                f"({', '.join(sorted(folders))}); set classes[].folder to the folder names, or "
+                                "remove data.eval.")
+    return out
 
 
 def _stat(p: Path) -> tuple[int, int]:

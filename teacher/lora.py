@@ -156,6 +156,23 @@ def lora_target(scheduler, latents, noise, timesteps):
                      f"objective; supported: {', '.join(PREDICTION_TYPES)}.")
 
 
+def training_example(vae, scheduler, pixels, gen) -> dict:
+    """One batch of the LoRA objective from images in [-1, 1]: a posterior sample of the VAE latent times the
+    VAE's scaling factor (x₀), noise ε, timesteps uniform over [0, num_train_timesteps), the noised latent
+    x_t = sqrt(ᾱ_t)·x₀ + sqrt(1−ᾱ_t)·ε and the target (:func:`lora_target`). Draws from ``gen`` in that order."""
+    import torch
+
+    device = pixels.device
+    with torch.no_grad():
+        mean, logvar = vae.encode(pixels).latent_dist.parameters.float().chunk(2, dim=1)
+    eps = torch.randn(mean.shape, generator=gen).to(device)
+    latents = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * eps) * vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=gen).to(device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(pixels),), generator=gen).to(device)
+    return {"latents": latents, "noise": noise, "t": t, "noisy": scheduler.add_noise(latents, noise, t),
+            "target": lora_target(scheduler, latents, noise, t)}
+
+
 def train_lora(pipe, images: list[Path], text: str, cfg, resolution: int, seed: int, steps: int | None = None,
                progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Train the adapter already added to ``pipe.unet`` with the noise-prediction MSE; returns the loss per step.
@@ -178,7 +195,6 @@ def train_lora(pipe, images: list[Path], text: str, cfg, resolution: int, seed: 
     if cfg.gradient_checkpointing and cuda:
         unet.enable_gradient_checkpointing()
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    n_train = noise_sched.config.num_train_timesteps
     gen = torch.Generator("cpu").manual_seed(seed)
     with torch.no_grad():
         cond = pipe.encode_prompt([text], device, 1, False)[0]  # (1, L, D)
@@ -196,14 +212,8 @@ def train_lora(pipe, images: list[Path], text: str, cfg, resolution: int, seed: 
             idx = torch.randint(len(images), (cfg.batch_size,), generator=gen).tolist()
             flips = (torch.rand(cfg.batch_size, generator=gen) < 0.5).tolist()
             pixels = load_batch([images[i] for i in idx], resolution, flips).to(device=device, dtype=vae.dtype)
-            with torch.no_grad():
-                mean, logvar = vae.encode(pixels).latent_dist.parameters.float().chunk(2, dim=1)
-            eps = torch.randn(mean.shape, generator=gen).to(device)
-            latents = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * eps) * vae.config.scaling_factor
-            noise = torch.randn(latents.shape, generator=gen).to(device)
-            t = torch.randint(0, n_train, (cfg.batch_size,), generator=gen).to(device)
-            noisy = noise_sched.add_noise(latents, noise, t)
-            target = lora_target(noise_sched, latents, noise, t)
+            ex = training_example(vae, noise_sched, pixels, gen)
+            noisy, t, target = ex["noisy"], ex["t"], ex["target"]
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=cond.expand(cfg.batch_size, -1, -1)).sample
             loss = F.mse_loss(pred.float(), target.float()) / cfg.grad_accum
