@@ -45,7 +45,7 @@ class AirCfg:
     """Settings of the AiR teacher (``teacher.air``)."""
 
     enabled: bool = True  # compute the AiR probability column at all
-    prototype_tricks: list[str] = field(default_factory=lambda: ["base"])  # synthesis tricks whose rows give prototypes; the paper's come from plain "a photo of a {c}"-style prompts ("all" = every row)
+    prototype_tricks: list[str] = field(default_factory=lambda: ["base"])  # synthesis tricks whose rows give prototypes; the paper's come from plain "a photo of a {c}"-style prompts, i.e. "base" ("all" = every row)
     m: int | None = None  # synthetic images per class considered (the first m of each class, in table order); null = all
     k: int = 16  # prototypes kept per class (not published; 16 <= the smallest M of the paper's sweep (20) and the 16-shot count UPL/CPL use)
     fusion_lambda: float = 1.0  # λ in p* = p + λ p̂ (SPEC §3: not published, 1.0)
@@ -56,8 +56,8 @@ class AirCfg:
     ctx_init: str = ""  # words whose token embeddings initialise the context ({domain} allowed, e.g. "a {domain} of a" with n_ctx 5); "" = N(0, 0.02) as UPL/CPL with 16 tokens
     top_n: int = 16  # most confident fused pseudo-labels per class used for training (UPL/CPL: 16)
     beta: float = 1.0  # β in L = L_r + β L_s (consistency weight); 0 = no strong view, L_r only
-    epochs: int = 20  # CPL: 50; 20 keeps a CPU run of ViT-B-32 in minutes (10 classes x 16 images = 160 images)
-    batch_size: int = 32  # CPL: 64; 32 gives 5 steps per epoch on 160 images instead of 3
+    epochs: int = 20  # CPL: 50. 20 epochs x 5 steps: ~20 min for ViT-B-32 on a 2-core CPU (measured ~12 s/step with strong views)
+    batch_size: int = 32  # CPL: 64. 32 gives 5 steps per epoch on 10 classes x 16 images instead of 3
     lr: float = 0.002  # SGD learning rate (CoOp's 0.002)
     momentum: float = 0.9  # SGD momentum (CoOp)
     weight_decay: float = 5e-4  # SGD weight decay (CoOp)
@@ -196,6 +196,8 @@ def aux_scores(image_features: np.ndarray, prototypes: Sequence[np.ndarray]) -> 
     image_features: (N, D); prototypes: C arrays (K_c, D). The mean of cosines equals the dot product
     of the normalised image feature with the mean of the normalised prototypes (not renormalised).
     """
+    if not len(prototypes) or any(len(p) == 0 for p in prototypes):
+        raise ValueError("aux_scores: every class needs at least one prototype (see build_prototypes).")
     f = l2_normalize(image_features)  # (N, D)
     centres = np.stack([l2_normalize(p).mean(axis=0) for p in prototypes])  # (C, D)
     return f @ centres.T  # (N, C)
@@ -586,7 +588,7 @@ def strong_transform(preprocess, scale: tuple[float, float] = (0.3, 1.0)):
         size = tuple(size) if len(size) == 2 else (size[0], size[0])
     kw = {"interpolation": interp} if interp is not None else {}
     return T.Compose([
-        T.Lambda(lambda im: im.convert("RGB") if hasattr(im, "convert") else im),
+        _ToRGB(),
         T.RandomResizedCrop(size, scale=scale, **kw),
         T.RandomHorizontalFlip(),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
@@ -594,6 +596,16 @@ def strong_transform(preprocess, scale: tuple[float, float] = (0.3, 1.0)):
         T.ToTensor(),
         T.Normalize(mean, std),
     ])
+
+
+class _ToRGB:
+    """PIL image -> RGB (tensors and arrays pass); a class, not a lambda, so DataLoader workers can pickle it."""
+
+    def __call__(self, im):
+        return im.convert("RGB") if hasattr(im, "convert") else im
+
+    def __repr__(self) -> str:
+        return "ToRGB()"
 
 
 def save_context(path: str | Path, ctx, meta: dict[str, Any]) -> None:

@@ -277,9 +277,14 @@ def test_train_prompts_lowers_loss_and_is_deterministic(clip):
     probs = air.predict_with_context(model, tok, ctx, CLASSES, feats.numpy(), scale=cfg.logit_scale)
     assert probs.shape == (24, 3) and probs.sum(1) == pytest.approx(np.ones(24))
     assert (probs.argmax(1) == labels.numpy()).mean() >= hist["agreement"][-1] - 0.1
-    ctx2, hist2 = air.train_prompts(model, tok, CLASSES, feats, strong, labels, cfg,
-                                    progress=False)
+    rng_before = torch.get_rng_state()
+    ctx2, hist2 = air.train_prompts(model, tok, CLASSES, feats.numpy(), strong, labels.numpy(), cfg,
+                                    progress=False)  # numpy inputs too
     assert torch.equal(ctx, ctx2) and hist["loss"] == hist2["loss"]
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the global RNG is forked, not consumed
+    ctx3, _ = air.train_prompts(model, tok, CLASSES, feats, strong, labels, AirCfg(**{**cfg.__dict__, "seed": 4}),
+                                progress=False)
+    assert not torch.equal(ctx, ctx3)
 
 
 def test_train_prompts_input_errors(clip):
@@ -322,6 +327,9 @@ def test_strong_transform_from_preprocess(clip):
     names = [type(s).__name__ for s in t.transforms]
     assert "RandomResizedCrop" in names and names[-1] == "Normalize"
     assert list(t.transforms[-1].mean) == list(preprocess.transforms[-1].mean)
+    import pickle
+
+    pickle.dumps(t)  # DataLoader workers need to pickle it
 
 
 def test_context_file_round_trip(tmp_path):
