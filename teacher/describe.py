@@ -142,6 +142,7 @@ def describe(model, processor, images: Sequence[Image.Image], prompt: str, max_n
             batch = [im.convert("RGB") for im in images[b:b + batch_size]]
             if chat:
                 inputs = processor(images=batch, text=[text] * len(batch), return_tensors="pt", padding=True)
+                inputs.pop("token_type_ids", None)  # BERT-style tokenizers add them; decoder-only LMMs take none
             else:
                 inputs = processor(images=batch, return_tensors="pt")
             inputs = {k: (v.to(device, dtype) if torch.is_floating_point(v) else v.to(device))

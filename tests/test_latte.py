@@ -459,3 +459,40 @@ def test_description_cache_second_run_generates_nothing(captioner, tmp_path):
         assert D.DescriptionCache(tmp_path / "desc").get_many([("tiny-blip", D.UNCONDITIONAL, ("sha1",))]) == [texts[1]]
     finally:
         del model.generate
+
+
+def test_describe_with_a_chat_template_decodes_only_the_answer(tiny_models):
+    """The LLaVA path, on a tiny random LlavaForConditionalGeneration built here (the tiny BLIP's tokenizer
+    plus an <image> token, a minimal chat template): one user turn with image + prompt, left padding,
+    only the new tokens decoded."""
+    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_models["captioner"]))
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    template = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %} "
+                "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                  crop_size={"height": 32, "width": 32}),
+                               tokenizer=tok, chat_template=template, patch_size=16,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=32, patch_size=16),
+        text_config=LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=128,
+                                pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id,
+                                eos_token_id=tok.sep_token_id),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
+        vision_feature_layer=-1)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    prompt = "Describe the land use in the satellite image concisely, less than 20 words."
+    assert D.effective_prompt(processor, prompt) == prompt
+    side = tok.padding_side
+    texts = D.describe(model, processor, _images(3), prompt, max_new_tokens=5, batch_size=2, progress=False)
+    assert len(texts) == 3 and tok.padding_side == side
+    for t in texts:
+        assert len(tok(t, add_special_tokens=False)["input_ids"]) <= 5
+        assert "describe" not in t and "assistant" not in t.lower()
