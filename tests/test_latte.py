@@ -330,9 +330,23 @@ def test_finetune_ablation_switches_run(clip):
     model, _, tok = _fresh(clip)
     cfg = L.LatteCfg(epochs=1, batch_size=3, lr=1e-4, warmup_steps=0, mixer="mean", use_image_descriptions=False,
                      use_group_descriptions=False)
-    _, P, hist = L.finetune(model, tok, _fixed_data(6), _init_prototypes(model, tok), cfg, progress=False,
-                            class_texts=_class_texts())
+    init = _init_prototypes(model, tok)
+    torch.manual_seed(5)
+    expected_next = torch.rand(3)
+    torch.manual_seed(5)
+    _, P, hist = L.finetune(model, tok, _fixed_data(6), init, cfg, progress=False, class_texts=_class_texts())
     assert P.shape == (3, 32) and hist[0]["steps"] == 2 and math.isfinite(hist[0]["loss"])
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's RNG is left as it was
+
+
+def test_group_members():
+    zs = [0, 1, 0, 0, 2, 1, 0]
+    groups = L.group_members(zs, 4, seed=1)
+    assert groups == L.group_members(zs, 4, seed=1)
+    for i, g in enumerate(groups):
+        assert len(g) == 4 and g[0] == i and all(zs[j] == zs[i] for j in g)
+    assert len(set(groups[0][1:])) == 3 and 0 not in groups[0][1:]  # enough others: distinct, not itself
+    assert groups[4] == [4, 4, 4, 4]  # alone in its class
 
 
 def test_finetune_rejects_mismatched_class_text(clip):
