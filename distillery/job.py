@@ -87,7 +87,7 @@ class SynthCfg:
 
 @dataclass
 class EnsembleCfg:
-    weights: dict[str, float] = field(default_factory=lambda: {"clip": 1.0})  # teacher column -> weight
+    weights: dict[str, float] = field(default_factory=dict)  # teacher column -> weight; {} = 1 on each teacher's final column that no other teacher builds on (air_prompt over clip)
     use_synthetic: bool = True  # put synthetic images in the training manifest
     synthetic_weight: float = 1.0  # per-row weight of synthetic images
     min_confidence: float = 0.0  # real images below this fused confidence get weight 0
@@ -487,7 +487,13 @@ def _validate_teachers(job: Job) -> None:
         except ValueError as e:
             raise JobError(str(e)) from e
     running = teachers_to_run(job)
+    for name in running:
+        if "synthetic" in TEACHERS[name].needs and not job.teacher.synth.enabled:
+            raise JobError(f"teacher.{name}: needs the synthetic images, but teacher.synth.enabled is false; enable "
+                           f"synthesis (or teacher.synth.source=table) or set teacher.{name}.enabled=false.")
     columns = all_columns()
+    if not job.teacher.ensemble.weights:
+        return
     for col, w in job.teacher.ensemble.weights.items():
         if w < 0:
             raise JobError(f"teacher.ensemble.weights.{col}: negative weight {w}; weights must be >= 0.")

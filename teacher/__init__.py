@@ -21,7 +21,8 @@ from typing import TextIO
 
 from .base import (TEACHERS, TeacherContext, TeacherResult, TeacherSettings, all_columns, register_teacher,
                    run_teachers, teachers_to_run)
-from . import clip as _clip  # noqa: F401,E402  (registers the built-in teachers)
+from . import clip as _clip  # noqa: F401,E402  (importing a teacher module registers it)
+from . import air as _air  # noqa: F401,E402
 
 __all__ = ["TEACHERS", "TeacherContext", "TeacherResult", "TeacherSettings", "register_teacher", "all_columns",
            "teachers_to_run", "run_teacher", "dry_run", "model_refs"]

@@ -165,20 +165,20 @@ def select_prototypes(features: np.ndarray, k: int) -> np.ndarray:
 
 def build_prototypes(features: np.ndarray, class_index: Sequence[int], n_classes: int, k: int,
                      m: int | None = None, tricks: Sequence[str] | None = None,
-                     use_tricks: Sequence[str] = ("all",)) -> list[np.ndarray]:
+                     use_tricks: Sequence[str] = ("all",), return_rows: bool = False):
     """Per-class prototypes from a table of synthetic features: a list of C arrays (K_c, D).
 
     features (S, D) and class_index (S,) are the synthetic rows (e.g. synthetic.parquet order);
     ``tricks`` (S,) their trick names, kept only where in ``use_tricks`` ("all" keeps every row).
     Of each class the first ``m`` remaining rows (all when None) go to ``select_prototypes``.
-    A class left without rows is an error naming it.
+    A class left without rows is an error naming it. ``return_rows``: also the chosen row indices per class.
     """
     features = np.asarray(features)
     class_index = np.asarray(class_index)
     keep = np.ones(len(class_index), bool)
     if tricks is not None and "all" not in use_tricks:
         keep = np.isin(np.asarray(tricks, dtype=object), list(use_tricks))
-    protos = []
+    protos, chosen = [], []
     for c in range(n_classes):
         rows = np.flatnonzero(keep & (class_index == c))  # (M_c,)
         if m is not None:
@@ -186,8 +186,9 @@ def build_prototypes(features: np.ndarray, class_index: Sequence[int], n_classes
         if len(rows) == 0:
             raise ValueError(f"AiR: class {c} has no synthetic images from tricks {list(use_tricks)}; generate "
                              "some (teacher.synth) or widen teacher.air.prototype_tricks.")
-        protos.append(features[rows[select_prototypes(features[rows], k)]])
-    return protos
+        chosen.append(rows[select_prototypes(features[rows], k)])
+        protos.append(features[chosen[-1]])
+    return (protos, chosen) if return_rows else protos
 
 
 def aux_scores(image_features: np.ndarray, prototypes: Sequence[np.ndarray]) -> np.ndarray:
@@ -661,3 +662,108 @@ def predict_with_context(model, tokenizer, ctx, class_names: Sequence[str], imag
     text = context_text_features(model, tokenizer, ctx, class_names).cpu().numpy().astype(np.float64)  # (C, D)
     f = l2_normalize(np.asarray(image_features))  # (N, D)
     return softmax(scale * f @ text.T, axis=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the stage: registered as the teacher "air"
+# ----------------------------------------------------------------------------------------------------
+
+from .base import TeacherResult, TeacherSettings, register_teacher  # noqa: E402
+
+
+@dataclass
+class AirSettings(TeacherSettings, AirCfg):
+    """``teacher.air``: :class:`AirCfg` as a registered teacher's settings (enabled, device + AiR's own)."""
+
+    def check(self, key: str = "teacher.air") -> None:
+        AirCfg.check(self, key)
+
+
+def _synthetic_features(ctx, model_ref: str, preprocess, device: str, batch_size: int):
+    """CLIP features of the synthetic images (the feature store, keyed by their sha256)."""
+    from distillery.images import ImageSet
+
+    from .clip import image_features
+
+    rows = ctx.synthetic or []
+    syn = ImageSet([Path(r["path"]) for r in rows], [r["sha256"] for r in rows])
+    return rows, image_features(ctx, model_ref, preprocess, device, batch_size, [syn])[0]
+
+
+@register_teacher("air", settings=AirSettings, roles=("clip",), needs=("teacher:clip", "synthetic", "features:clip"),
+                  columns=("air_aux", "air_fused", "air_prompt"))
+def run_air(ctx) -> TeacherResult:
+    """AiR: auxiliary classifier from synthetic prototypes, fused with zero-shot CLIP, then prompt learning."""
+    import torch
+
+    from distillery.images import load_rgb
+    from distillery.models import load_clip
+
+    from .clip import image_features
+
+    cfg, job = ctx.cfg, ctx.job
+    device = ctx.device()
+    seed = cfg.seed if cfg.seed is not None else job.seed
+    model, preprocess, tokenizer = load_clip(job.models.clip, device=device)
+    batch = job.teacher.clip.batch_size
+    sets = [ctx.images] + ([ctx.eval_images] if ctx.eval_images is not None else [])
+    feats = image_features(ctx, job.models.clip, preprocess, device, batch, sets)
+    rows, syn_feats = _synthetic_features(ctx, job.models.clip, preprocess, device, batch)
+    names = job.class_names
+    counts = np.bincount([r["class_index"] for r in rows], minlength=len(names)) if rows else np.zeros(len(names))
+    if (counts == 0).any():
+        raise ValueError(f"teacher.air: class {names[int(np.argmin(counts))]!r} has no synthetic images; AiR builds "
+                         "its prototypes from them. Generate some (teacher.synth) or set teacher.air.enabled=false.")
+    tricks = [r["trick"] for r in rows]
+    try:
+        protos, chosen_rows = build_prototypes(syn_feats, [r["class_index"] for r in rows], len(names), cfg.k, cfg.m,
+                                               tricks, cfg.prototype_tricks, return_rows=True)
+    except ValueError as e:  # name the class, not its index
+        raise ValueError(str(e).replace("AiR: class ", "teacher.air: class #")
+                         + f" (classes: {', '.join(f'#{i} {n}' for i, n in enumerate(names))})") from e
+    chosen = {"class_index": [], "class_name": [], "path": [], "sha256": [], "rank": []}
+    for c, picked in enumerate(chosen_rows):  # the prototypes, for the report (most similar to the mean first)
+        for rank, i in enumerate(picked):
+            for k, v in (("class_index", c), ("class_name", names[c]), ("path", rows[i]["path"]),
+                         ("sha256", rows[i]["sha256"]), ("rank", rank)):
+                chosen[k].append(v)
+    p_zs = [ctx.columns["clip"]] + ([ctx.eval_columns["clip"]] if ctx.eval_images is not None else [])
+    out = [_aux_and_fused(p, f, protos, cfg) for p, f in zip(p_zs, feats)]  # per image set: (aux, fused)
+
+    prompt = [o[1] for o in out]
+    info = {"prototypes_per_class": [len(p) for p in protos], "synthetic_rows": len(rows)}
+    tables = {"prototypes": chosen}
+    if cfg.prompt_learning:
+        idx, labels = select_confident(out[0][1], cfg.top_n)
+        strong = strong_transform(preprocess)
+        paths = ctx.images.paths
+
+        def strong_batch(positions):
+            return torch.stack([strong(load_rgb(paths[idx[i]])) for i in positions])
+
+        run_cfg = AirCfg(**{k: getattr(cfg, k) for k in AirCfg.__dataclass_fields__})
+        run_cfg.seed = seed
+        ctx_vec, hist = train_prompts(model, tokenizer, names, feats[0][idx], strong_batch, labels, run_cfg,
+                                      device=device, progress=ctx.progress, domain=job.domain_phrase)
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        save_context(ctx.out_dir / "context.safetensors", ctx_vec,
+                     {"class_names": names, "ctx_init": cfg.ctx_init, "clip": job.models.clip})
+        prompt = [predict_with_context(model, tokenizer, ctx_vec, names, f, cfg.logit_scale) for f in feats]
+        tables["training_images"] = {"path": [str(paths[i]) for i in idx], "sha256": [ctx.images.sha256[i] for i in idx],
+                                     "pseudo_label": labels.tolist()}
+        info.update(prompt_training_images=len(idx), prompt_loss_first=hist["loss"][0], prompt_loss_last=hist["loss"][-1],
+                    prompt_seconds=hist["seconds"])
+    cols = ("air_aux", "air_fused", "air_prompt")
+    res = [dict(zip(cols, (o[0], o[1], pr))) for o, pr in zip(out, prompt)]
+    return TeacherResult(probs=res[0], eval_probs=res[1] if len(res) > 1 else {}, tables=tables, info=info)
+
+
+def _aux_and_fused(p: np.ndarray, feats: np.ndarray, protos, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """The two distribution columns: air_aux = softmax(aux_scale · p̂) (the auxiliary classifier alone, always as a
+    distribution) and air_fused = p*/(1+λ); with aux_normalize "none" p* is clipped at 0 and renormalised."""
+    r = fused_probs(p, feats, protos, cfg)
+    fused = r["p_fused"]
+    if cfg.aux_normalize == "none":
+        fused = np.clip(r["p_star"], 0, None)
+        fused = fused / np.maximum(fused.sum(axis=1, keepdims=True), 1e-12)
+    return normalize_aux(r["p_hat"], "softmax", cfg.aux_scale), fused

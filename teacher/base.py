@@ -37,7 +37,7 @@ from distillery.rundir import RunPaths, is_done, log, mark_done, read_table, sav
     write_table
 
 __all__ = ["TeacherSettings", "TeacherSpec", "TeacherContext", "TeacherResult", "TEACHERS", "register_teacher",
-           "teacher_order", "run_teachers", "all_columns", "column_owner", "teachers_to_run"]
+           "teacher_order", "run_teachers", "all_columns", "column_owner", "teachers_to_run", "ensemble_weights"]
 
 
 @dataclass
@@ -61,6 +61,11 @@ class TeacherSpec:
     columns: tuple[str, ...] = ()
     version: str = "1"  # bump when the method changes what it computes, so stamps are invalidated
     doc: str = ""
+
+    @property
+    def final(self) -> str:
+        """The teacher's own answer (its last column), what the default ensemble weighs."""
+        return self.columns[-1]
 
     @property
     def teacher_needs(self) -> list[str]:
@@ -119,6 +124,19 @@ def teacher_order(names: list[str]) -> list[str]:
     for n in [t for t in TEACHERS if t in names]:
         visit(n)
     return order
+
+
+def default_weights(job) -> dict[str, float]:
+    """Weight 1 on the final column of every running teacher that no other running teacher builds on (e.g.
+    AiR's prompt-learned column rather than the zero-shot CLIP it refines)."""
+    running = teachers_to_run(job)
+    used = {d for t in running for d in TEACHERS[t].teacher_needs}
+    return {TEACHERS[t].final: 1.0 for t in running if t not in used}
+
+
+def ensemble_weights(job) -> dict[str, float]:
+    """``teacher.ensemble.weights``, or :func:`default_weights` when the job leaves it empty."""
+    return dict(job.teacher.ensemble.weights) or default_weights(job)
 
 
 def teachers_to_run(job) -> list[str]:
@@ -218,11 +236,12 @@ def run_teachers(job, images, eval_images, executor, progress: bool = True, synt
     columns: dict[str, np.ndarray] = {}
     eval_columns: dict[str, np.ndarray] = {}
     info: dict[str, Any] = {}
-    for name in teachers_to_run(job):
+    running = teachers_to_run(job)
+    for name in running:
         spec = TEACHERS[name]
         cfg = job.teacher.settings(name)
         if not cfg.enabled:
-            log(f"{name}: runs because {', '.join(t for t in TEACHERS if name in TEACHERS[t].teacher_needs)} "
+            log(f"{name}: runs because {', '.join(t for t in running if name in TEACHERS[t].teacher_needs)} "
                 "needs it")
         if "synthetic" in spec.needs and synthetic is None:
             raise ValueError(f"teacher.{name}: needs the synthetic set, but there is none; enable teacher.synth "

@@ -49,6 +49,8 @@ def run_ensemble(job, progress: bool = True, *, images=None, synthetic: list[dic
     """Fuse the columns into soft labels (``pseudo_labels.parquet``) and write the manifest."""
     from distillery.images import unlabeled_set
 
+    from .base import ensemble_weights
+
     paths = RunPaths(job.run_path)
     cfg = job.teacher.ensemble
     images = images if images is not None else unlabeled_set(job)
@@ -60,18 +62,19 @@ def run_ensemble(job, progress: bool = True, *, images=None, synthetic: list[dic
                                     "Run `distillery teacher` (it runs every enabled teacher).")
     synth_used = cfg.use_synthetic and synthetic is not None
     inputs = list(files.values()) + ([synthetic_file] if synth_used else [])
-    key = stage_key({"ensemble": asdict(cfg), "classes": job.class_names, "synth": synth_used,
-                     "images": list(images.sha256)}, inputs)
+    key = stage_key({"ensemble": asdict(cfg), "weights": ensemble_weights(job), "classes": job.class_names,
+                     "synth": synth_used, "images": list(images.sha256)}, inputs)
     return cached_stage(job, paths.teacher, "ensemble", key, [paths.pseudo_labels, paths.manifest],
                         lambda: _write_ensemble(job, images, files, synthetic if synth_used else None),
                         up_to_date=str(paths.manifest))
 
 
 def _write_ensemble(job, images, files: dict, synthetic: list[dict] | None) -> dict:
-    from .base import read_probs
+    from .base import ensemble_weights, read_probs
 
     paths = RunPaths(job.run_path)
     cfg = job.teacher.ensemble
+    weights = ensemble_weights(job)
     n_classes = len(job.classes)
     probs = {}
     for c, f in files.items():
@@ -79,10 +82,10 @@ def _write_ensemble(job, images, files: dict, synthetic: list[dict] | None) -> d
         if p.shape[1] != n_classes:
             raise ValueError(f"ensemble: column {c!r} has {p.shape[1]} classes, the job has {n_classes}; rerun it.")
         probs[c] = p
-    soft = fuse(probs, cfg.weights)
+    soft = fuse(probs, weights)
     label = soft.argmax(axis=1)
     conf = soft.max(axis=1)
-    used = {c: p for c, p in probs.items() if cfg.weights.get(c, 0) > 0}
+    used = {c: p for c, p in probs.items() if weights.get(c, 0) > 0}
     agree = agreement(used, label)
     pl = {"path": images.str_paths, "sha256": list(images.sha256)}
     for t, p in probs.items():
@@ -91,7 +94,7 @@ def _write_ensemble(job, images, files: dict, synthetic: list[dict] | None) -> d
                "confidence": conf.astype(np.float32).tolist(), "agreement": agree.astype(np.float32).tolist()})
     write_table(paths.pseudo_labels, pl)
 
-    provenance = "ensemble:" + ",".join(f"{c}={cfg.weights[c]:g}" for c in sorted(used))
+    provenance = "ensemble:" + ",".join(f"{c}={weights[c]:g}" for c in sorted(used))
     rows = []
     for i in range(len(images)):
         rows.append({"path": pl["path"][i], "source": "real", "sha256": pl["sha256"][i], "label": int(label[i]),
@@ -113,7 +116,8 @@ def _write_ensemble(job, images, files: dict, synthetic: list[dict] | None) -> d
                         ("temperature", pa.float32()), ("provenance", pa.string())])
     write_table(paths.manifest, rows, schema=schema)
     counts = np.bincount(label, minlength=n_classes).tolist()
-    info = {"real": len(images), "synthetic": n_syn, "columns": list(probs), "weights": {c: cfg.weights[c] for c in used},
+    info = {"real": len(images), "synthetic": n_syn, "columns": list(probs), "weights": {c: weights[c] for c in used},
+            "weights_from": "teacher.ensemble.weights" if cfg.weights else "default: the final column of each teacher",
             "pseudo_label_counts": dict(zip(job.class_names, counts)),
             "mean_confidence": round(float(conf.mean()), 4), "mean_agreement": round(float(agree.mean()), 4)}
     log(f"ensemble: {len(images)} real + {n_syn} synthetic rows -> {paths.manifest}")
@@ -142,8 +146,10 @@ def evaluate_columns(job, images, eval_columns: dict[str, np.ndarray]) -> dict:
     if not known.any() or not eval_columns:
         write_json(paths.teacher_eval, out)
         return out
+    from .base import ensemble_weights
+
     cols = dict(eval_columns)
-    weights = job.teacher.ensemble.weights
+    weights = ensemble_weights(job)
     if all(c in cols for c, w in weights.items() if w > 0):
         cols["ensemble"] = fuse(cols, weights)
     for c, p in cols.items():

@@ -341,3 +341,52 @@ def test_context_file_round_trip(tmp_path):
     assert meta["class_names"] == CLASSES and meta["n_ctx"] == 16 and meta["width"] == 32
     assert meta["ctx_init"] == "" and meta["seed"] == 3
     assert list(tmp_path.joinpath("air").iterdir()) == [path]  # no temporary file left
+
+
+# ----------------------------------------------------------------------------------------------------
+# the registered stage, on the tiny job
+# ----------------------------------------------------------------------------------------------------
+
+def test_air_stage_writes_its_columns_recomputable_from_the_prototype_table(make_job):
+    from distillery.models import load_clip
+    from distillery.rundir import RunPaths, read_table
+    from distillery.teacher import run_teacher
+    from distillery.teacher.features import clip_feature_store
+
+    job = make_job({"teacher.synth.images_per_class": 3, "teacher.air.k": 2, "teacher.air.epochs": 2})
+    run_teacher(job, progress=False)
+    paths = RunPaths(job.run_path)
+    pl = read_table(paths.pseudo_labels)
+    assert {"p_clip", "p_air_aux", "p_air_fused", "p_air_prompt"} <= set(pl[0])
+    protos = read_table(paths.teacher_dir("air") / "prototypes.parquet")
+    assert [sum(r["class_index"] == c for r in protos) for c in range(3)] == [2, 2, 2]
+    assert (paths.teacher_dir("air") / "context.safetensors").is_file()
+    # independent recomputation of p̂ -> softmax(100 p̂) -> (p + p̂')/2 from the stored features
+    _, preprocess, _ = load_clip(job.models.clip)
+    store = clip_feature_store(job, preprocess)
+    nrm = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    f = nrm(store.get([r["sha256"] for r in pl]))
+    centres = np.stack([nrm(store.get([r["sha256"] for r in protos if r["class_index"] == c])).mean(0)
+                        for c in range(3)])
+    z = 100 * f @ centres.T
+    aux = np.exp(z - z.max(1, keepdims=True))
+    aux /= aux.sum(1, keepdims=True)
+    clip = np.asarray([r["p_clip"] for r in pl])
+    assert np.allclose([r["p_air_aux"] for r in pl], aux, atol=1e-4)
+    assert np.allclose([r["p_air_fused"] for r in pl], (clip + aux) / 2, atol=1e-4)
+    # the default ensemble takes the prompt-learned column (the paper's final classifier)
+    assert np.allclose([r["soft_target"] for r in pl], [r["p_air_prompt"] for r in pl], atol=1e-6)
+
+
+def test_air_without_synthetic_images_of_a_class_names_it(make_job):
+    from distillery.rundir import RunPaths, read_table, write_table
+    from distillery.teacher import run_teacher
+
+    job = make_job({"teacher.synth.images_per_class": 1, "teacher.air.enabled": False})
+    run_teacher(job, progress=False)
+    paths = RunPaths(job.run_path)
+    rows = [r for r in read_table(paths.synthetic) if r["class_index"] != 1]
+    write_table(paths.synthetic, rows)
+    job = make_job({"teacher.synth.images_per_class": 1, "teacher.synth.source": "table"})
+    with pytest.raises(ValueError, match="class 'forest' has no synthetic images"):
+        run_teacher(job, progress=False)
