@@ -24,7 +24,7 @@ def eurosat_images(n: int, seed: int = 0, root: Path | None = None) -> list[tupl
         files = sorted(p for p in d.iterdir() if p.suffix.lower() in EXTENSIONS)
         rng.shuffle(files)
         queues.append([(f, d.name) for f in files])
-    from distillery.export.onnx import interleave
+    from distillery.export.images import interleave
 
     out: list[tuple[Path, str]] = interleave(queues, n)
     if not out:
