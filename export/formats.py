@@ -153,13 +153,14 @@ def _toposort(graph) -> None:
 def _int8_excluded_nodes(model, exclude: list[str]) -> list[str]:
     """ONNX node names for ``export.int8_exclude``: "first_conv" (the first Conv), "classifier" (the last
     Gemm/MatMul) or node names; ValueError naming what does not exist."""
+    first_conv, classifier = INT8_EXCLUDE_KEYWORDS
     nodes = list(model.graph.node)
     names = {n.name for n in nodes}
     out = []
     for item in exclude:
-        if item == "first_conv":
+        if item == first_conv:
             found = [n.name for n in nodes if n.op_type == "Conv"][:1]
-        elif item == "classifier":
+        elif item == classifier:
             found = [n.name for n in nodes if n.op_type in ("Gemm", "MatMul")][-1:]
         else:
             found = [item] if item in names else []

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from distillery.job import DEFAULT_MIN_AGREEMENT
 from distillery.rundir import (RunPaths, is_done, log, mark_done, read_json, save_resolved_job, sha256_file,
                                stage_key, stamp_path, write_json)
 from distillery.runtime.preprocess import contract_from_data_config, preprocess_batch
@@ -54,7 +55,6 @@ from .parity import _torch_logits, parity
 __all__ = ["export_onnx", "ExportGateError"]
 
 EXPORT_VERSION = "2"  # bump when the export itself changes, so stale exports are redone (2: deploy choice)
-DEFAULT_MIN_AGREEMENT = {"fp32": 0.995, "fp16": 0.995, "int8": 0.98}
 HINTS = {
     "fp32": "fp32 should match PyTorch almost exactly, so a large max |Δlogit| points at an operator the exporter "
             "translated differently: try another export.opset (e.g. 18); if max |Δlogit| is tiny the images sit on "

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from .formats import INT8_EXCLUDE_KEYWORDS
+
 _ACTIVATIONS = ("ReLU", "ReLU6", "Hardswish", "Hardsigmoid", "SiLU", "Sigmoid", "GELU", "Tanh", "LeakyReLU")
 
 
@@ -217,12 +219,13 @@ def _excluded_modules(model, exclude: list[str]) -> set:
     Linear). Node names of the ONNX graph have no module counterpart here and are ignored."""
     from torch import nn
 
+    first_conv, classifier = INT8_EXCLUDE_KEYWORDS
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     out = set()
-    if "first_conv" in exclude and convs:
+    if first_conv in exclude and convs:
         out.add(id(convs[0]))
-    if "classifier" in exclude and linears:
+    if classifier in exclude and linears:
         out.add(id(linears[-1]))
     return out
 
