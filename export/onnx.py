@@ -111,7 +111,7 @@ def export_onnx(job, *, progress: bool = True) -> dict:
     for p in inputs:
         if not p.is_file():
             raise FileNotFoundError(f"{STAGE}: student file {str(p)!r} is missing; train the student first "
-                                    "(`distillery train --job JOB.yaml`).")
+                                    "(`distillery student --job JOB.yaml`).")
     image_hashes = [sha256_file(p) for p in parity_paths + calib_paths]
     key = stage_key({"export": cfg, "classes": job.class_names, "version": EXPORT_VERSION}, inputs,
                     extra={"parity": parity_paths, "calibration": calib_paths, "images": image_hashes,
@@ -125,7 +125,7 @@ def export_onnx(job, *, progress: bool = True) -> dict:
     model, config = _load_student(paths.student)
     if list(config["class_names"]) != job.class_names:
         raise ValueError(f"{STAGE}: the student in {paths.student} was trained for classes {config['class_names']} "
-                         f"but the job names {job.class_names}; retrain the student (`distillery train`).")
+                         f"but the job names {job.class_names}; retrain the student (`distillery student`).")
     contract = contract_from_data_config(config["data_config"])
     out_dir.mkdir(parents=True, exist_ok=True)
     for fmt, name in FORMAT_FILES.items():  # an app must not pick up a file from an older, different export
