@@ -402,3 +402,32 @@ def test_bad_recipe_settings_name_the_key(tmp_path, key, value, needle):
 def test_bad_randaugment_string_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="student.randaugment"):
         train_student(_job(tmp_path, randaugment="rand-zz"), progress=False)
+
+
+def test_dist_info_reads_the_torchrun_variables(monkeypatch):
+    from distillery.student.dist import get_dist_info, is_main
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert get_dist_info() == (0, 1, 0) and is_main()
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert get_dist_info() == (3, 4, 1) and not is_main()
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(ValueError, match="RANK=4, WORLD_SIZE=4"):
+        get_dist_info()
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(ValueError, match="RANK='one'"):
+        get_dist_info()
+
+
+def test_only_rank_0_writes(tmp_path, monkeypatch):
+    """A process that is not rank 0 trains but writes no checkpoint, weights, metrics, report or stamp."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    job = _job(tmp_path, name="rank1", epochs=1, cache=False, eval_dir=_eval_dir(tmp_path))
+    metrics = train_student(job, progress=False)
+    assert metrics["train_images"] == 11 and metrics["eval"]["images"] == 6
+    out = RunPaths(job.run_path).student
+    assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
