@@ -301,7 +301,8 @@ def qat_finetune(model, images: np.ndarray, calibration: np.ndarray, *, epochs: 
     from distillery.student.loss import distillation_loss
 
     def kl(logits, probs):  # tau^2 * KL(probs || softmax(logits / tau)), mean over rows (SPEC section 7, alpha 1)
-        return distillation_loss(logits, probs, probs.argmax(1), temperature=temperature, alpha=1.0)
+        return distillation_loss(logits, probs, probs.argmax(1), temperature=temperature, alpha=1.0,
+                                 target_temperature=temperature)  # probs are the teacher's softmax at tau already
 
     if epochs < 1 or len(images) == 0 or len(calibration) == 0:
         raise ValueError(f"QAT needs epochs >= 1 and some images, got epochs={epochs}, {len(images)} images, "

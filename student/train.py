@@ -15,7 +15,8 @@ report.md           a summary of the above
 and ``<run>/cache/`` (or ``student.cache_dir``): the decode-once uint8 image cache (``student/cache.py``).
 
 Recipe (DDN): AdamW, cosine learning-rate decay over all steps, RandomResizedCrop + horizontal flip,
-loss = ``distillation_loss`` (per-row weighted; ``alpha=0`` is plain cross-entropy to the hard label).
+loss = ``distillation_loss`` (per-row weighted; teacher and student softened at ``student.temperature``, each soft
+target from the temperature the manifest says it was written at; ``alpha=0`` is plain cross-entropy to the hard label).
 Options: timm RandAugment, mixup/CutMix, EMA of weights, channels_last, bf16 autocast and ``torch.compile``.
 
 Determinism: the data order is a permutation fixed by ``(seed, epoch)``, each sample's augmentation is seeded
@@ -53,6 +54,7 @@ __all__ = ["train_student", "evaluate", "resolve_device", "STAGE"]
 STAGE = "student"
 CHECKPOINT = "checkpoint.pt"
 _SYNC_EVERY = 10  # steps between host reads of the running loss (progress bar, NaN check)
+LOSS_VERSION = "2"  # bump when the distillation loss changes (2: teacher and student softened at the same tau)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -236,6 +238,8 @@ def train_student(job, *, progress: bool = True) -> dict:
         raise FileNotFoundError(f"training manifest {str(paths.manifest)!r} is missing; run the teacher stage first.")
 
     settings = {"student": asdict(cfg), "classes": job.class_names, "seed": job.seed}
+    if cfg.distill_alpha > 0:  # a student distilled by an earlier loss is retrained (plain CE is unchanged)
+        settings["loss"] = LOSS_VERSION
     extra = {"eval": job.data.eval, "eval_folders": eval_folders}
     key = stage_key(settings, [paths.manifest, *pretrained_files(cfg.pretrained)], extra)
     outputs = [paths.student_weights, paths.student_config, paths.student_metrics]
@@ -401,19 +405,20 @@ def _fit(s: _Setup, progress: bool) -> None:
         weight_dev = torch.zeros((), device=device)
         t0 = time.perf_counter()
         step = first
-        for x, labels, soft, weights in s.loader:
+        for x, labels, soft, weights, soft_temp in s.loader:
             x = s.normalize(x.to(device, non_blocking=True))  # uint8 (B, 3, H, W) -> normalised float
             labels = labels.to(device, non_blocking=True)
             soft, weights = soft.to(device, non_blocking=True), weights.to(device, non_blocking=True)
+            soft_temp = soft_temp.to(device, non_blocking=True)  # (B,) the temperature each soft target was written at
             x, perm, lam = mix_batch(x, seed, epoch, step, cfg.mixup, cfg.cutmix)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.use_amp):
                 logits = s.forward(x)  # (B, C)
             loss = distillation_loss(logits, soft, labels, weights, temperature=cfg.temperature,
-                                     alpha=cfg.distill_alpha)
+                                     alpha=cfg.distill_alpha, target_temperature=soft_temp)
             if perm is not None:
-                loss = lam * loss + (1.0 - lam) * distillation_loss(logits, soft[perm], labels[perm], weights[perm],
-                                                                    temperature=cfg.temperature,
-                                                                    alpha=cfg.distill_alpha)
+                loss = lam * loss + (1.0 - lam) * distillation_loss(
+                    logits, soft[perm], labels[perm], weights[perm], temperature=cfg.temperature,
+                    alpha=cfg.distill_alpha, target_temperature=soft_temp[perm])
             s.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             s.optimizer.step()
