@@ -83,8 +83,8 @@ def validate_manifest(rows: list[dict], num_classes: int, manifest: str | Path =
     temps = np.array([row_temperature(r) for r in rows], dtype=np.float64)
     bad = ~np.isfinite(temps) | (temps <= 0)
     if bad.any():
-        raise _bad_row(manifest, rows, bad, lambda i: f"{TEMPERATURE_COLUMN} {rows[i][TEMPERATURE_COLUMN]!r} must be a finite number > 0 "
-                       "(the temperature its soft_target was written at; leave it empty for 1)")
+        raise _bad_row(manifest, rows, bad, lambda i: f"{TEMPERATURE_COLUMN} {rows[i][TEMPERATURE_COLUMN]!r} must be a "
+                       "finite number > 0 (the temperature its soft_target was written at; leave it empty for 1)")
     if not (weights > 0).any():
         raise ValueError(f"manifest {str(manifest)!r}: every row has weight 0, so there is nothing to train on. "
                          "Lower teacher.ensemble.min_confidence or enable synthetic data, then rerun the teacher stage.")
