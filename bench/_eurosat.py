@@ -24,7 +24,7 @@ def eurosat_images(n: int, seed: int = 0, root: Path | None = None) -> list[tupl
         files = sorted(p for p in d.iterdir() if p.suffix.lower() in EXTENSIONS)
         rng.shuffle(files)
         queues.append([(f, d.name) for f in files])
-    from distillery.export.onnx import interleave
+    from distillery.export.images import interleave
 
     out: list[tuple[Path, str]] = interleave(queues, n)
     if not out:
@@ -71,14 +71,15 @@ def labeled_items(folder: Path, classes: list[str], limit: int = 0) -> list[tupl
 
 
 def write_manifest(path: Path, rows: list[dict]) -> None:
-    """Rows in the teacher stage's manifest format (teacher/ensemble.py's schema)."""
+    """Rows in the teacher stage's manifest format (teacher/ensemble.py's schema); a row without ``temperature``
+    (the one its soft target was written at) gets null, which the student reads as 1."""
     import pyarrow as pa
 
     from distillery.rundir import write_table
 
     schema = pa.schema([("path", pa.string()), ("source", pa.string()), ("sha256", pa.string()),
                         ("label", pa.int64()), ("soft_target", pa.list_(pa.float32())), ("weight", pa.float32()),
-                        ("provenance", pa.string())])
+                        ("temperature", pa.float32()), ("provenance", pa.string())])
     write_table(path, rows, schema=schema)
 
 

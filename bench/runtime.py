@@ -44,7 +44,7 @@ def _build_models(tmp: Path, class_names: list[str], calib_paths: list[str]):
     import timm
     import torch
 
-    from distillery.export.onnx import _export_fp32, _export_int8
+    from distillery.export.formats import _export_fp32, _export_int8
     from distillery.job import ExportCfg
     from distillery.runtime.preprocess import contract_from_data_config, preprocess_batch
 

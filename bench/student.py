@@ -9,7 +9,7 @@ What it measures, in one run:
 1. A stand-in teacher (timm ``resnet18`` from scratch, trained by our own trainer) on ``labeled_pool/``
    (3,000 labeled images) writes soft labels ``softmax(z / T)`` for ``train_unlabeled/`` (5,000 images)
    as a ``manifest.parquet`` in the normal format (path, source, sha256, label, soft_target, weight,
-   provenance).
+   temperature = T, provenance).
 2. MobileNetV3-small students are trained on that manifest (a) with distillation
    (``distill_alpha`` 0.9, temperature 4) and (b) with the teacher's hard labels only (``distill_alpha`` 0).
 3. A supervised reference (the same MobileNetV3-small) is trained on ``labeled_pool/`` alone.
@@ -196,7 +196,8 @@ def _soft_labels(teacher_dir: Path, paths: list[Path], s: dict) -> tuple[list[di
     labels = probs.argmax(axis=1)
     prov = f"bench: {config['architecture']} stand-in teacher on labeled_pool, softmax(z/{s['temperature']:g})"
     rows = [{"path": str(p), "source": "real", "sha256": sha256_file(p), "label": int(y), "soft_target": pr.tolist(),
-             "weight": 1.0, "provenance": prov} for p, y, pr in zip(paths, labels, probs)]
+             "weight": 1.0, "temperature": s["temperature"], "provenance": prov}  # the T of softmax(z / T)
+            for p, y, pr in zip(paths, labels, probs)]
     counts = np.bincount(labels, minlength=probs.shape[1])
     info = {"images": len(paths), "images_per_s": len(paths) / dt, "mean_max_prob": float(probs.max(axis=1).mean()),
             "label_counts": counts.tolist()}

@@ -156,12 +156,15 @@ class StudentCfg:
     checkpoint_steps: int = 0  # also checkpoint every N steps inside an epoch (0 = at epoch ends only)
 
 
+DEFAULT_MIN_AGREEMENT = {"fp32": 0.995, "fp16": 0.995, "int8": 0.98}  # export.min_agreement per format
+
+
 @dataclass
 class ExportCfg:
     opset: int = 17
     formats: list[str] = field(default_factory=lambda: ["fp32"])  # fp32, fp16, int8
     required: list[str] = field(default_factory=lambda: ["fp32"])  # formats whose failed gate fails the export
-    min_agreement: dict[str, float] = field(default_factory=lambda: {"fp32": 0.995, "fp16": 0.995, "int8": 0.98})
+    min_agreement: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIN_AGREEMENT))
     parity_images: int = 64  # held-aside real domain images used for the parity check
     calibration_images: int = 128  # INT8 calibration images, class-balanced from the pseudo-labeled domain images
     int8_exclude: list[str] = field(default_factory=lambda: ["first_conv", "classifier"])  # layers kept in float in the INT8 model: first_conv, classifier (last Gemm/MatMul) or ONNX node names

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from .formats import INT8_EXCLUDE_KEYWORDS
+
 _ACTIVATIONS = ("ReLU", "ReLU6", "Hardswish", "Hardsigmoid", "SiLU", "Sigmoid", "GELU", "Tanh", "LeakyReLU")
 
 
@@ -217,12 +219,13 @@ def _excluded_modules(model, exclude: list[str]) -> set:
     Linear). Node names of the ONNX graph have no module counterpart here and are ignored."""
     from torch import nn
 
+    first_conv, classifier = INT8_EXCLUDE_KEYWORDS
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     out = set()
-    if "first_conv" in exclude and convs:
+    if first_conv in exclude and convs:
         out.add(id(convs[0]))
-    if "classifier" in exclude and linears:
+    if classifier in exclude and linears:
         out.add(id(linears[-1]))
     return out
 
@@ -298,7 +301,8 @@ def qat_finetune(model, images: np.ndarray, calibration: np.ndarray, *, epochs: 
     from distillery.student.loss import distillation_loss
 
     def kl(logits, probs):  # tau^2 * KL(probs || softmax(logits / tau)), mean over rows (SPEC section 7, alpha 1)
-        return distillation_loss(logits, probs, probs.argmax(1), temperature=temperature, alpha=1.0)
+        return distillation_loss(logits, probs, probs.argmax(1), temperature=temperature, alpha=1.0,
+                                 target_temperature=temperature)  # probs are the teacher's softmax at tau already
 
     if epochs < 1 or len(images) == 0 or len(calibration) == 0:
         raise ValueError(f"QAT needs epochs >= 1 and some images, got epochs={epochs}, {len(images)} images, "

@@ -1,8 +1,10 @@
 """The student's data: the teacher's training manifest, the evaluation folder and the transforms.
 
 The manifest (``runs/<job>/teacher/manifest.parquet``) has one row per training image with the
-columns ``path, source, sha256, label, soft_target, weight``. It is validated up front so that a
-bad row fails the stage before any training, with a message naming the row, the path and the fix.
+columns ``path, source, sha256, label, soft_target, weight`` and optionally ``temperature``: the
+temperature its soft target was written at (missing or null = 1.0; the loss re-softens it to
+``student.temperature``, see ``student/loss.py``). It is validated up front so that a bad row fails
+the stage before any training, with a message naming the row, the path and the fix.
 """
 from __future__ import annotations
 
@@ -11,11 +13,13 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
-    "MANIFEST_COLUMNS", "read_manifest", "validate_manifest", "ManifestDataset", "list_eval_images",
-    "ImageListDataset", "train_transform", "eval_transform", "load_rgb", "EpochSampler", "Normalize", "sample_seed",
+    "MANIFEST_COLUMNS", "TEMPERATURE_COLUMN", "read_manifest", "validate_manifest", "row_temperature", "ManifestDataset",
+    "list_eval_images", "ImageListDataset", "train_transform", "eval_transform", "load_rgb", "EpochSampler", "Normalize",
+    "sample_seed",
 ]
 
 MANIFEST_COLUMNS = ("path", "source", "sha256", "label", "soft_target", "weight")
+TEMPERATURE_COLUMN = "temperature"  # optional: the temperature the row's soft target was written at
 _FIX = "Rerun the teacher stage to rebuild the manifest, or remove the row."
 
 
@@ -76,9 +80,20 @@ def validate_manifest(rows: list[dict], num_classes: int, manifest: str | Path =
     bad = ~np.isfinite(weights) | (weights < 0)
     if bad.any():
         raise _bad_row(manifest, rows, bad, lambda i: f"weight {rows[i]['weight']!r} must be a finite number >= 0")
+    temps = np.array([row_temperature(r) for r in rows], dtype=np.float64)
+    bad = ~np.isfinite(temps) | (temps <= 0)
+    if bad.any():
+        raise _bad_row(manifest, rows, bad, lambda i: f"{TEMPERATURE_COLUMN} {rows[i][TEMPERATURE_COLUMN]!r} must be a "
+                       "finite number > 0 (the temperature its soft_target was written at; leave it empty for 1)")
     if not (weights > 0).any():
         raise ValueError(f"manifest {str(manifest)!r}: every row has weight 0, so there is nothing to train on. "
                          "Lower teacher.ensemble.min_confidence or enable synthetic data, then rerun the teacher stage.")
+
+
+def row_temperature(row: dict) -> float:
+    """The temperature a manifest row's soft target was written at: its ``temperature``, 1.0 when missing or null."""
+    t = row.get(TEMPERATURE_COLUMN)
+    return 1.0 if t is None else t
 
 
 def read_manifest(path: str | Path, num_classes: int) -> list[dict]:
@@ -101,7 +116,8 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class ManifestDataset:
-    """Manifest rows -> ``(image (3, H, W) uint8, label, soft_target (C,), weight)``; zero-weight rows are dropped.
+    """Manifest rows -> ``(image (3, H, W) uint8, label, soft_target (C,), weight, temperature)``; zero-weight rows
+    are dropped. ``temperature`` is the one the soft target was written at (:func:`row_temperature`).
 
     Items are fetched by ``(index, epoch)`` keys (see :class:`EpochSampler`): before transforming, Python's and
     NumPy's global RNGs are seeded from ``(seed, epoch, index)``, so the augmentation of every sample is fixed
@@ -120,6 +136,7 @@ class ManifestDataset:
         self.soft = torch.tensor(np.asarray([r["soft_target"] for r in self.rows], dtype=np.float32))
         self.labels = torch.tensor([r["label"] for r in self.rows], dtype=torch.long)
         self.weights = torch.tensor([r["weight"] for r in self.rows], dtype=torch.float32)
+        self.temperatures = torch.tensor([float(row_temperature(r)) for r in self.rows], dtype=torch.float32)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -144,7 +161,7 @@ class ManifestDataset:
         s = sample_seed(self.seed, epoch, i)
         random.seed(s)
         np.random.seed(s % 2**32)
-        return self.transform(self.image(i)), self.labels[i], self.soft[i], self.weights[i]
+        return self.transform(self.image(i)), self.labels[i], self.soft[i], self.weights[i], self.temperatures[i]
 
 
 class EpochSampler:

@@ -3,9 +3,9 @@
 A batch is mixed with a permutation of itself: ``x' = lam * x + (1 - lam) * x[perm]`` (mixup) or a pasted box
 (CutMix, ``lam`` = the share of pixels kept). Both terms of the distillation loss are linear in the target
 distribution up to a constant (the KL's entropy term), so the loss of the mixed batch is taken as
-``lam * L(soft, y, w) + (1 - lam) * L(soft[perm], y[perm], w[perm])`` -- the same as mixing the soft targets and
-one-hot labels. The draws come from a NumPy generator seeded by ``(seed, epoch, step)``: a resumed run mixes
-exactly as an uninterrupted one.
+``lam * L(soft, y, w) + (1 - lam) * L(soft[perm], y[perm], w[perm])`` -- the same as mixing the one-hot labels
+and the soft targets as softened to τ (each from its own manifest temperature). The draws come from a NumPy
+generator seeded by ``(seed, epoch, step)``: a resumed run mixes exactly as an uninterrupted one.
 """
 from __future__ import annotations
 

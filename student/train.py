@@ -15,12 +15,18 @@ report.md           a summary of the above
 and ``<run>/cache/`` (or ``student.cache_dir``): the decode-once uint8 image cache (``student/cache.py``).
 
 Recipe (DDN): AdamW, cosine learning-rate decay over all steps, RandomResizedCrop + horizontal flip,
-loss = ``distillation_loss`` (per-row weighted; ``alpha=0`` is plain cross-entropy to the hard label).
+loss = ``distillation_loss`` (per-row weighted; teacher and student softened at ``student.temperature``, each soft
+target from the temperature the manifest says it was written at; ``alpha=0`` is plain cross-entropy to the hard label).
 Options: timm RandAugment, mixup/CutMix, EMA of weights, channels_last, bf16 autocast and ``torch.compile``.
 
 Determinism: the data order is a permutation fixed by ``(seed, epoch)``, each sample's augmentation is seeded
 by ``(seed, epoch, index)`` and mixing by ``(seed, epoch, step)``, so a run resumed from any checkpoint (and a
 run with any number of DataLoader workers) sees exactly the batches an uninterrupted run sees.
+
+Structure: ``train_student`` checks the stamp, then ``_setup`` (manifest, model, data, optimiser, resume state),
+``_fit`` (the epoch loop with its checkpoints) and ``_finalize`` (weights, config, evaluation, metrics, report).
+Every file is written by rank 0 only (``student/dist.py``): the seam for a ``torchrun`` launch; training itself
+is not data-parallel yet.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +45,7 @@ from distillery.rundir import (RunPaths, atomic_path, is_done, log, mark_done, r
                                stage_key, stamp_path, write_json)
 
 from .data import ImageListDataset, ManifestDataset, eval_transform, list_eval_images, read_manifest, train_transform
+from .dist import is_main
 from .loss import distillation_loss
 from .model import build_student, pretrained_files, student_data_config
 
@@ -47,6 +54,7 @@ __all__ = ["train_student", "evaluate", "resolve_device", "STAGE"]
 STAGE = "student"
 CHECKPOINT = "checkpoint.pt"
 _SYNC_EVERY = 10  # steps between host reads of the running loss (progress bar, NaN check)
+LOSS_VERSION = "2"  # bump when the distillation loss changes (2: teacher and student softened at the same tau)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -198,6 +206,8 @@ def _prepare_cache(job, rows: list[dict], data_config: dict, progress: bool):
         r["sha256"] = actual
         if actual not in cache:
             todo.append((actual, r["path"]))
+    if not is_main():  # rank 0 builds the cache (with torchrun, the others wait for it and reread its index)
+        return cache
     if todo:
         log(f"student: decoding {len(todo)} images once into {cache.folder} ({size}x{size} uint8; "
             f"{len(cache)} already there).")
@@ -219,44 +229,91 @@ def train_student(job, *, progress: bool = True) -> dict:
     Loss settings come from ``job.student``: ``distill_alpha`` and ``temperature`` (:func:`distillation_loss`;
     ``distill_alpha=0`` is cross-entropy to the hard labels), ``mixup``/``cutmix`` (:func:`mix_batch`);
     the rest of the recipe from ``model_args``, ``crop_scale``, ``randaugment``, ``ema_decay``, ``amp``,
-    ``channels_last``, ``compile``, ``cache``.
+    ``channels_last``, ``compile``, ``cache``. Only rank 0 (:mod:`distillery.student.dist`) writes files.
     """
-    from timm import __version__ as timm_version
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    from .data import EpochSampler, Normalize
-    from .mix import mix_batch
-
     paths = RunPaths(job.run_path)
     cfg = job.student
-    alpha, temperature, model_args, crop_scale, amp = (cfg.distill_alpha, cfg.temperature, dict(cfg.model_args),
-                                                       tuple(cfg.crop_scale), cfg.amp)
-    out_dir = paths.student
-    class_names = job.class_names
-    num_classes = len(class_names)
     eval_folders = [c.folder or c.name for c in job.classes]
     if not paths.manifest.is_file():
         raise FileNotFoundError(f"training manifest {str(paths.manifest)!r} is missing; run the teacher stage first.")
 
-    settings = {"student": asdict(cfg), "classes": class_names, "seed": job.seed}
+    settings = {"student": asdict(cfg), "classes": job.class_names, "seed": job.seed}
+    if cfg.distill_alpha > 0:  # a student distilled by an earlier loss is retrained (plain CE is unchanged)
+        settings["loss"] = LOSS_VERSION
     extra = {"eval": job.data.eval, "eval_folders": eval_folders}
     key = stage_key(settings, [paths.manifest, *pretrained_files(cfg.pretrained)], extra)
     outputs = [paths.student_weights, paths.student_config, paths.student_metrics]
-    if is_done(out_dir, STAGE, key, outputs):
-        log(f"student: up to date ({out_dir}); delete {stamp_path(out_dir, STAGE).name} there to retrain.")
+    if is_done(paths.student, STAGE, key, outputs):
+        log(f"student: up to date ({paths.student}); delete {stamp_path(paths.student, STAGE).name} there to retrain.")
         return read_json(paths.student_metrics)
 
+    s = _setup(job, key, eval_folders, progress)
+    _fit(s, progress)
+    return _finalize(s)
+
+
+def _epoch_sums() -> dict:
+    return {"loss_sum": 0.0, "weight_sum": 0.0, "images": 0, "time": 0.0}
+
+
+@dataclass
+class _Setup:
+    """Everything a training run holds: the job, its data and loaders, the model and optimiser state, and the
+    resume state (where training stands and what it has measured so far; restored from the checkpoint)."""
+
+    job: Any
+    key: str  # the stage key: the checkpoint's and the stamp's
+    paths: RunPaths
+    rows: list[dict]  # every manifest row (also the weight-0 ones)
+    eval_items: list[tuple[Path, int]]
+    device: torch.device
+    use_amp: bool
+    model: torch.nn.Module
+    architecture: str
+    model_args: dict
+    data_config: dict
+    dataset: Any  # ManifestDataset
+    sampler: Any  # EpochSampler
+    loader: Any  # DataLoader, one for the whole run
+    normalize: Any  # Normalize
+    steps_per_epoch: int
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: Any  # timm ModelEmaV3 or None
+    forward: Any  # the model, or its torch.compile wrapper
+    ckpt_path: Path
+    start_epoch: int = 0
+    start_step: int = 0
+    history: list[dict] = field(default_factory=list)
+    train_time: float = 0.0
+    images_seen: int = 0
+    acc: dict = field(default_factory=_epoch_sums)  # the current epoch's running sums
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.job.student.epochs
+
+
+def _setup(job, key: str, eval_folders: list[str], progress: bool) -> _Setup:
+    """Read and check the manifest, build the model, data, loader, optimiser, scheduler and EMA, and restore
+    them from ``student/checkpoint.pt`` when it was written for this ``key``."""
+    from torch.utils.data import DataLoader
+
+    from .data import EpochSampler, Normalize
+
+    paths = RunPaths(job.run_path)
+    cfg = job.student
+    num_classes = len(job.class_names)
     rows = read_manifest(paths.manifest, num_classes)
     # List (never read) the evaluation set now, so a bad layout fails before hours of training.
     eval_items = list_eval_images(job.data.eval, eval_folders, job.data.extensions) if job.data.eval else []
     device = resolve_device(cfg.device)
-    use_amp = amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    use_amp = cfg.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
 
     _seed_everything(job.seed)
-    model, architecture, model_args = build_student(cfg.model, num_classes, cfg.pretrained, model_args)
+    model, architecture, model_args = build_student(cfg.model, num_classes, cfg.pretrained, dict(cfg.model_args))
     data_config = student_data_config(model, cfg.input_size)
-    transform = train_transform(data_config, tuple(crop_scale), cfg.randaugment)  # fails early on a bad string
+    transform = train_transform(data_config, tuple(cfg.crop_scale), cfg.randaugment)  # fails early on a bad string
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
     cache = _prepare_cache(job, rows, data_config, progress) if cfg.cache else None
@@ -265,11 +322,10 @@ def train_student(job, *, progress: bool = True) -> dict:
     drop_last = n > 1 and n % cfg.batch_size == 1  # a batch of one breaks BatchNorm in train mode
     sampler = EpochSampler(n, cfg.batch_size, job.seed, drop_last)
     steps_per_epoch = sampler.batches_per_epoch()
-    total_steps = steps_per_epoch * cfg.epochs
     normalize = Normalize(data_config["mean"], data_config["std"], device, cfg.channels_last)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * cfg.epochs)
     ema = None
     if cfg.ema_decay > 0:
         from timm.utils import ModelEmaV3
@@ -277,32 +333,12 @@ def train_student(job, *, progress: bool = True) -> dict:
         ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
     forward = torch.compile(model) if cfg.compile else model
 
-    ckpt_path = out_dir / CHECKPOINT
-    ckpt = _load_checkpoint(ckpt_path, key)
-    start_epoch, start_step, history, train_time, images_seen = 0, 0, [], 0.0, 0
-    acc = {"loss_sum": 0.0, "weight_sum": 0.0, "images": 0, "time": 0.0}  # the current epoch's running sums
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.module.load_state_dict(ckpt["ema"])
-        _set_rng_state(ckpt["rng"])
-        start_epoch, start_step, history = ckpt["epoch"], ckpt.get("step", 0), ckpt["history"]
-        train_time, images_seen = ckpt["train_time"], ckpt["images_seen"]
-        acc = ckpt.get("epoch_sums", acc)
-        where = f"epoch {start_epoch}/{cfg.epochs}" + (f" + {start_step} steps" if start_step else "")
-        log(f"student: resuming from {ckpt_path} after {where}.")
-    del ckpt
-
-    def save_checkpoint(epoch: int, step: int) -> None:
-        _save_checkpoint(ckpt_path, {
-            "key": key, "epoch": epoch, "step": step, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "ema": ema.module.state_dict() if ema is not None else None, "rng": _rng_state(),
-            "history": history, "train_time": train_time, "images_seen": images_seen,
-            "epoch_sums": dict(acc),
-        })
+    s = _Setup(job=job, key=key, paths=paths, rows=rows, eval_items=eval_items, device=device, use_amp=use_amp,
+               model=model, architecture=architecture, model_args=model_args, data_config=data_config,
+               dataset=dataset, sampler=sampler, loader=None, normalize=normalize, steps_per_epoch=steps_per_epoch,
+               optimizer=optimizer, scheduler=scheduler, ema=ema, forward=forward,
+               ckpt_path=paths.student / CHECKPOINT)
+    _resume(s)
 
     extras = [f for f, on in (("cache", cfg.cache), ("randaugment", cfg.randaugment), ("mixup", cfg.mixup),
                               ("cutmix", cfg.cutmix), ("EMA", cfg.ema_decay), ("channels_last", cfg.channels_last),
@@ -311,118 +347,177 @@ def train_student(job, *, progress: bool = True) -> dict:
         f"{cfg.epochs} epochs x {steps_per_epoch} steps, input {data_config['input_size'][1:]}, {device}"
         + (f"; {', '.join(extras)}" if extras else "") + ".")
     # One loader for the whole run: workers stay alive between epochs; the sampler carries the epoch.
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                        pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
-                        prefetch_factor=4 if cfg.workers > 0 else None)
-    bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch + start_step, desc="student", unit="step",
-               file=sys.stderr, disable=not progress, dynamic_ncols=True)
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        first = start_step if epoch == start_epoch else 0
+    s.loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                          pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+                          prefetch_factor=4 if cfg.workers > 0 else None)
+    return s
+
+
+def _resume(s: _Setup) -> None:
+    """Restore model, optimizer, scheduler, EMA, RNG and the resume state from the checkpoint, if it fits."""
+    ckpt = _load_checkpoint(s.ckpt_path, s.key)
+    if ckpt is None:
+        return
+    s.model.load_state_dict(ckpt["model"])
+    s.optimizer.load_state_dict(ckpt["optimizer"])
+    s.scheduler.load_state_dict(ckpt["scheduler"])
+    if s.ema is not None and ckpt.get("ema") is not None:
+        s.ema.module.load_state_dict(ckpt["ema"])
+    _set_rng_state(ckpt["rng"])
+    s.start_epoch, s.start_step, s.history = ckpt["epoch"], ckpt.get("step", 0), ckpt["history"]
+    s.train_time, s.images_seen = ckpt["train_time"], ckpt["images_seen"]
+    s.acc = ckpt.get("epoch_sums", s.acc)
+    where = f"epoch {s.start_epoch}/{s.job.student.epochs}" + (f" + {s.start_step} steps" if s.start_step else "")
+    log(f"student: resuming from {s.ckpt_path} after {where}.")
+
+
+def _checkpoint(s: _Setup, epoch: int, step: int) -> None:
+    """Write ``student/checkpoint.pt`` (rank 0 only): training stands at ``step`` steps into ``epoch``."""
+    if not is_main():
+        return
+    _save_checkpoint(s.ckpt_path, {
+        "key": s.key, "epoch": epoch, "step": step, "model": s.model.state_dict(),
+        "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
+        "ema": s.ema.module.state_dict() if s.ema is not None else None, "rng": _rng_state(),
+        "history": s.history, "train_time": s.train_time, "images_seen": s.images_seen,
+        "epoch_sums": dict(s.acc),
+    })
+
+
+def _fit(s: _Setup, progress: bool) -> None:
+    """The epoch loop from where ``s`` stands to ``student.epochs``, with step and epoch-end checkpoints;
+    updates ``s`` (history, train time, images seen) as it goes."""
+    from tqdm.auto import tqdm
+
+    from .mix import mix_batch
+
+    cfg, seed, device = s.job.student, s.job.seed, s.device
+    bar = tqdm(total=s.total_steps, initial=s.start_epoch * s.steps_per_epoch + s.start_step, desc="student",
+               unit="step", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    for epoch in range(s.start_epoch, cfg.epochs):
+        s.model.train()
+        first = s.start_step if epoch == s.start_epoch else 0
         if first == 0:
-            acc = {"loss_sum": 0.0, "weight_sum": 0.0, "images": 0, "time": 0.0}
-        sampler.set_epoch(epoch, first)
+            s.acc = _epoch_sums()
+        s.sampler.set_epoch(epoch, first)
         # Loss sums stay on the device; the host reads them every few steps (no per-step sync).
         loss_dev = torch.zeros((), device=device)
         weight_dev = torch.zeros((), device=device)
         t0 = time.perf_counter()
         step = first
-        for x, labels, soft, weights in loader:
-            x = normalize(x.to(device, non_blocking=True))  # uint8 (B, 3, H, W) -> normalised float
+        for x, labels, soft, weights, soft_temp in s.loader:
+            x = s.normalize(x.to(device, non_blocking=True))  # uint8 (B, 3, H, W) -> normalised float
             labels = labels.to(device, non_blocking=True)
             soft, weights = soft.to(device, non_blocking=True), weights.to(device, non_blocking=True)
-            x, perm, lam = mix_batch(x, job.seed, epoch, step, cfg.mixup, cfg.cutmix)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = forward(x)  # (B, C)
-            loss = distillation_loss(logits, soft, labels, weights, temperature=temperature, alpha=alpha)
+            soft_temp = soft_temp.to(device, non_blocking=True)  # (B,) the temperature each soft target was written at
+            x, perm, lam = mix_batch(x, seed, epoch, step, cfg.mixup, cfg.cutmix)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.use_amp):
+                logits = s.forward(x)  # (B, C)
+            loss = distillation_loss(logits, soft, labels, weights, temperature=cfg.temperature,
+                                     alpha=cfg.distill_alpha, target_temperature=soft_temp)
             if perm is not None:
-                loss = lam * loss + (1.0 - lam) * distillation_loss(logits, soft[perm], labels[perm], weights[perm],
-                                                                    temperature=temperature, alpha=alpha)
-            optimizer.zero_grad(set_to_none=True)
+                loss = lam * loss + (1.0 - lam) * distillation_loss(
+                    logits, soft[perm], labels[perm], weights[perm], temperature=cfg.temperature,
+                    alpha=cfg.distill_alpha, target_temperature=soft_temp[perm])
+            s.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update(model, step=epoch * steps_per_epoch + step + 1)
+            s.optimizer.step()
+            s.scheduler.step()
+            if s.ema is not None:
+                s.ema.update(s.model, step=epoch * s.steps_per_epoch + step + 1)
             w = weights.sum()
             loss_dev += loss.detach() * w
             weight_dev += w
-            acc["images"] += x.shape[0]
+            s.acc["images"] += x.shape[0]
             step += 1
             bar.update(1)
-            last = step == steps_per_epoch
+            last = step == s.steps_per_epoch
             checkpoint_now = cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0 and not last
             if step % _SYNC_EVERY == 0 or last or checkpoint_now:
-                acc["loss_sum"] += float(loss_dev)
-                acc["weight_sum"] += float(weight_dev)
+                s.acc["loss_sum"] += float(loss_dev)
+                s.acc["weight_sum"] += float(weight_dev)
                 loss_dev.zero_()
                 weight_dev.zero_()
-                running = acc["loss_sum"] / max(acc["weight_sum"], 1e-12)
+                running = s.acc["loss_sum"] / max(s.acc["weight_sum"], 1e-12)
                 if not math.isfinite(running):
                     raise FloatingPointError(f"student: loss became {running} at epoch {epoch + 1}; lower student.lr "
                                              f"(now {cfg.lr}) or check the manifest's soft targets.")
-                elapsed = acc["time"] + time.perf_counter() - t0
+                elapsed = s.acc["time"] + time.perf_counter() - t0
                 bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{running:.4f}",
-                                img_s=f"{acc['images'] / max(elapsed, 1e-9):.0f}")
+                                img_s=f"{s.acc['images'] / max(elapsed, 1e-9):.0f}")
             if checkpoint_now:
                 dt = time.perf_counter() - t0
-                acc["time"] += dt
-                train_time += dt
-                save_checkpoint(epoch, step)
+                s.acc["time"] += dt
+                s.train_time += dt
+                _checkpoint(s, epoch, step)
                 t0 = time.perf_counter()
         dt = time.perf_counter() - t0
-        acc["time"] += dt
-        train_time += dt
-        images_seen += acc["images"]
-        history.append({"epoch": epoch + 1, "loss": acc["loss_sum"] / max(acc["weight_sum"], 1e-12),
-                        "lr": optimizer.param_groups[0]["lr"], "images_per_s": acc["images"] / max(acc["time"], 1e-9)})
-        acc = {"loss_sum": 0.0, "weight_sum": 0.0, "images": 0, "time": 0.0}
-        save_checkpoint(epoch + 1, 0)
+        s.acc["time"] += dt
+        s.train_time += dt
+        s.images_seen += s.acc["images"]
+        s.history.append({"epoch": epoch + 1, "loss": s.acc["loss_sum"] / max(s.acc["weight_sum"], 1e-12),
+                          "lr": s.optimizer.param_groups[0]["lr"],
+                          "images_per_s": s.acc["images"] / max(s.acc["time"], 1e-9)})
+        s.acc = _epoch_sums()
+        _checkpoint(s, epoch + 1, 0)
     bar.close()
 
-    final = ema.module if ema is not None else model
+
+def _finalize(s: _Setup) -> dict:
+    """Save the final (EMA when on) weights and config, evaluate on ``data.eval``, write metrics, confusion
+    matrix, report, the resolved job and the stamp (rank 0 writes); returns the metrics."""
+    from timm import __version__ as timm_version
+
+    job, cfg, paths = s.job, s.job.student, s.paths
+    out_dir, class_names, main = paths.student, job.class_names, is_main()
+    final = s.ema.module if s.ema is not None else s.model
     final.eval()
-    _write_weights(paths.student_weights, final)
     config = {
-        "architecture": architecture,
-        "num_classes": num_classes,
+        "architecture": s.architecture,
+        "num_classes": len(class_names),
         "class_names": class_names,
-        "model_args": model_args,
-        "data_config": data_config,
-        "weights": "ema" if ema is not None else "final",
-        "job_hash": key,
+        "model_args": s.model_args,
+        "data_config": s.data_config,
+        "weights": "ema" if s.ema is not None else "final",
+        "job_hash": s.key,
         "versions": {"torch": torch.__version__, "timm": timm_version},
     }
-    write_json(paths.student_config, config)
+    if main:
+        _write_weights(paths.student_weights, final)
+        write_json(paths.student_config, config)
 
+    n = len(s.dataset)
     metrics: dict[str, Any] = {
         "epochs": cfg.epochs,
-        "train_loss": history[-1]["loss"] if history else None,
-        "history": history,
+        "train_loss": s.history[-1]["loss"] if s.history else None,
+        "history": s.history,
         "train_images": n,
-        "ignored_rows": len(rows) - n,
-        "wall_time_s": train_time,
-        "images_per_s": images_seen / train_time if train_time > 0 else None,
-        "device": str(device),
+        "ignored_rows": len(s.rows) - n,
+        "wall_time_s": s.train_time,
+        "images_per_s": s.images_seen / s.train_time if s.train_time > 0 else None,
+        "device": str(s.device),
         "weights": config["weights"],
-        "resumed_from_epoch": start_epoch or None,
-        "resumed_from": {"epoch": start_epoch, "step": start_step} if (start_epoch or start_step) else None,
+        "resumed_from_epoch": s.start_epoch or None,
+        "resumed_from": {"epoch": s.start_epoch, "step": s.start_step} if (s.start_epoch or s.start_step) else None,
         "eval": None,
     }
-    if eval_items:
-        ev = evaluate(final, eval_items, data_config, class_names, device, batch_size=cfg.batch_size,
+    if s.eval_items:
+        ev = evaluate(final, s.eval_items, s.data_config, class_names, s.device, batch_size=cfg.batch_size,
                       workers=cfg.workers)
         metrics["eval"] = {"folder": job.data.eval, **ev}
-        if ema is not None:  # also the raw weights, to show what the EMA bought
-            metrics["eval"]["top1_without_ema"] = evaluate(model, eval_items, data_config, class_names, device,
-                                                           batch_size=cfg.batch_size, workers=cfg.workers)["top1"]
-        _write_confusion_png(out_dir / "confusion.png", ev["confusion"], class_names)
+        if s.ema is not None:  # also the raw weights, to show what the EMA bought
+            metrics["eval"]["top1_without_ema"] = evaluate(s.model, s.eval_items, s.data_config, class_names,
+                                                           s.device, batch_size=cfg.batch_size,
+                                                           workers=cfg.workers)["top1"]
+        if main:
+            _write_confusion_png(out_dir / "confusion.png", ev["confusion"], class_names)
         log(f"student: top-1 {ev['top1']:.4f} on {ev['images']} images of {job.data.eval}; confusion matrix in "
             f"{out_dir / 'confusion.png'}.")
-    write_json(paths.student_metrics, metrics)
-    _write_report(out_dir / "report.md", metrics, config)
-    save_resolved_job(job, out_dir)
-    mark_done(out_dir, STAGE, key, {"epochs": cfg.epochs, "architecture": architecture})
+    if main:
+        write_json(paths.student_metrics, metrics)
+        _write_report(out_dir / "report.md", metrics, config)
+        save_resolved_job(job, out_dir)
+        mark_done(out_dir, STAGE, s.key, {"epochs": cfg.epochs, "architecture": s.architecture})
     log(f"student: done; final train loss {metrics['train_loss']:.4f}, wrote {out_dir}.")
     return metrics
 

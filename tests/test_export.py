@@ -19,7 +19,9 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from distillery.export import ExportGateError, export_onnx  # noqa: E402
-from distillery.export.onnx import _load_student, balanced_sample, choose_deploy  # noqa: E402
+from distillery.export.deploy import choose_deploy  # noqa: E402
+from distillery.export.images import balanced_sample  # noqa: E402
+from distillery.export.onnx import _load_student  # noqa: E402
 from distillery.job import job_from_dict, settings_hash  # noqa: E402
 from distillery.rundir import RunPaths, sha256_file, write_json, write_table  # noqa: E402
 from distillery.runtime import Classifier  # noqa: E402

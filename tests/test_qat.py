@@ -158,7 +158,7 @@ def test_simulation_rounds_where_and_how_onnxruntime_does(tmp_path, which):
     onnx = pytest.importorskip("onnx")
     from onnx import numpy_helper
 
-    from distillery.export.onnx import _export_fp32, _export_int8
+    from distillery.export.formats import _export_fp32, _export_int8
     from distillery.export.qat import SimulatedInt8
 
     # timm's MobileNetV3 with the export's default exclusions; a torchvision-style conv/BN/ReLU net with none

@@ -136,20 +136,25 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert diffs[worst] == 0.0, f"max diff {diffs[worst]:.3g} in {worst}"
 
 
+def _log_softmax(a):
+    a = a - a.max(axis=1, keepdims=True)
+    return a - np.log(np.exp(a).sum(axis=1, keepdims=True))
+
+
 def test_distillation_loss_matches_hand_computation():
+    """SPEC §7: alpha tau^2 KL(softmax(log p / tau) || softmax(z / tau)) + (1 - alpha) CE, on 2 x 3 numbers."""
     z = np.array([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
-    p = np.array([[0.7, 0.2, 0.1], [0.0, 0.25, 0.75]])  # a zero entry: 0·log 0 = 0
+    p = np.array([[0.7, 0.2, 0.1], [0.0, 0.25, 0.75]])  # a zero entry: it stays 0 at any tau, 0·log 0 = 0
     y = np.array([0, 1])
     w = np.array([1.0, 3.0])
     tau, alpha = 2.0, 0.5
 
-    def log_softmax(a):
-        a = a - a.max(axis=1, keepdims=True)
-        return a - np.log(np.exp(a).sum(axis=1, keepdims=True))
-
-    log_q = log_softmax(z / tau)
-    kl = np.array([sum(pi * (math.log(pi) - lq) for pi, lq in zip(pr, lr) if pi > 0) for pr, lr in zip(p, log_q)])
-    ce = -log_softmax(z)[np.arange(2), y]
+    # the teacher softened at tau by hand: sqrt of each probability, renormalised
+    q = np.array([[math.sqrt(0.7), math.sqrt(0.2), math.sqrt(0.1)], [0.0, math.sqrt(0.25), math.sqrt(0.75)]])
+    q /= q.sum(axis=1, keepdims=True)
+    log_q = _log_softmax(z / tau)
+    kl = np.array([sum(qi * (math.log(qi) - lq) for qi, lq in zip(qr, lr) if qi > 0) for qr, lr in zip(q, log_q)])
+    ce = -_log_softmax(z)[np.arange(2), y]
     expected = (w * (alpha * tau**2 * kl + (1 - alpha) * ce)).sum() / w.sum()
 
     t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
@@ -161,6 +166,93 @@ def test_distillation_loss_matches_hand_computation():
     assert ce_only.item() == pytest.approx((w * ce).sum() / w.sum(), rel=1e-6)
     plain = torch.nn.functional.cross_entropy(t(z), torch.tensor(y))
     assert distillation_loss(t(z), t(p), torch.tensor(y)).item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def _fit_free_logits(loss_fn, steps=3000):
+    """Free logits z (one row) minimising ``loss_fn(z)``, from z = 0."""
+    z = torch.zeros(1, 3, requires_grad=True)
+    opt = torch.optim.Adam([z], lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(z).backward()
+        opt.step()
+    return torch.softmax(z.detach(), dim=1)[0]
+
+
+def test_distillation_recovers_the_teacher_distribution():
+    """Minimising the KL at tau = 2 (alpha 1) over free logits gives softmax(z) = p, the teacher's distribution.
+    Softening only the student (the old formula) would give p^tau renormalised instead."""
+    p = torch.tensor([[0.6, 0.3, 0.1]])
+    label = torch.tensor([0])
+    tau = 2.0
+    got = _fit_free_logits(lambda z: distillation_loss(z, p, label, temperature=tau, alpha=1.0))
+    assert torch.allclose(got, p[0], atol=1e-3), got
+
+    def student_only(z):  # tau^2 KL(p || softmax(z / tau))
+        return tau**2 * (torch.xlogy(p, p) - p * torch.log_softmax(z / tau, dim=1)).sum()
+
+    old = _fit_free_logits(student_only)
+    sharpened = p[0] ** tau / (p[0] ** tau).sum()
+    assert torch.allclose(old, sharpened, atol=1e-3), old  # what the old formula taught: p^tau renormalised
+    assert (old - p[0]).abs().max() > 0.1 and (got - sharpened).abs().max() > 0.1
+
+
+def test_soft_targets_written_at_another_temperature():
+    """p stored at T_m = softmax(z_t / T_m): the loss compares the student with softmax(z_t / tau), per row."""
+    z_t = torch.tensor([[3.0, 1.0, -2.0], [0.5, 0.0, 2.5]])  # the teacher's logits
+    t_m = torch.tensor([4.0, 1.0])  # each row's manifest temperature
+    p = torch.softmax(z_t / t_m[:, None], dim=1)
+    z = torch.tensor([[1.0, 0.0, 0.5], [-1.0, 2.0, 0.0]])
+    label = p.argmax(1)
+    tau = 2.0
+    q = torch.softmax(z_t / tau, dim=1)  # what the student is compared with
+    by_hand = tau**2 * (q * (q.log() - torch.log_softmax(z / tau, dim=1))).sum(1).mean()
+    got = distillation_loss(z, p, label, temperature=tau, alpha=1.0, target_temperature=t_m)
+    assert got.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    # a float temperature is the same as that value in every row; tau = T_m uses p as it is
+    row0 = distillation_loss(z[:1], p[:1], label[:1], temperature=tau, alpha=1.0, target_temperature=4.0)
+    assert row0.item() == pytest.approx(distillation_loss(z[:1], p[:1], label[:1], temperature=tau, alpha=1.0,
+                                                          target_temperature=t_m[:1]).item(), rel=1e-6)
+    same = distillation_loss(z, p, label, temperature=4.0, alpha=1.0, target_temperature=4.0)
+    assert same.item() == pytest.approx((16 * (p * (p.log() - torch.log_softmax(z / 4, 1))).sum(1).mean()).item(),
+                                        rel=1e-6)
+    # and free logits recover the teacher's own distribution softmax(z_t) from targets stored at T_m = 4
+    got = _fit_free_logits(lambda z: distillation_loss(z, p[:1], label[:1], temperature=tau, alpha=1.0,
+                                                       target_temperature=4.0))
+    assert torch.allclose(got, torch.softmax(z_t[0], 0), atol=1e-3), got
+
+
+TEMP_SCHEMA = pa.schema([*SCHEMA, ("temperature", pa.float32())])
+
+
+def test_manifest_temperature_reaches_the_loss(tmp_path, monkeypatch):
+    """The manifest's temperature column (null = 1) is passed to the loss row by row."""
+    rows = _rows(tmp_path / "unlabeled")
+    for i, r in enumerate(rows):
+        r["temperature"] = None if i % 3 == 0 else 4.0
+    job = _job(tmp_path, rows=rows, distill_alpha=0.5, epochs=1, cache=False)
+    seen = []
+    loss = train_mod.distillation_loss
+
+    def spy(*args, target_temperature=1.0, **kwargs):
+        seen.append(target_temperature)
+        return loss(*args, target_temperature=target_temperature, **kwargs)
+
+    monkeypatch.setattr(train_mod, "distillation_loss", spy)
+    write_table(RunPaths(job.run_path).manifest, rows, schema=TEMP_SCHEMA)
+    train_student(job, progress=False)
+    got = sorted(float(t) for batch in seen for t in batch)
+    assert got == sorted(1.0 if i % 3 == 0 else 4.0 for i, r in enumerate(rows) if r["weight"] > 0)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan")])
+def test_bad_manifest_temperature_names_the_row(tmp_path, value):
+    rows = _rows(tmp_path / "unlabeled")
+    rows[4]["temperature"] = value
+    job = _job(tmp_path)
+    write_table(RunPaths(job.run_path).manifest, rows, schema=TEMP_SCHEMA)
+    with pytest.raises(ValueError, match=r"row 4 .*temperature .*must be a finite number > 0"):
+        train_student(job, progress=False)
 
 
 @pytest.mark.parametrize("field,value,needle", [
@@ -374,7 +466,7 @@ def test_mix_batch_mixes_inputs_as_stated():
 
 
 def test_mixed_loss_equals_loss_to_mixed_targets_up_to_a_constant():
-    """lam*L(a) + (1-lam)*L(b) has the same gradient as the loss to the mixed soft target and mixed one-hot label."""
+    """lam*L(a) + (1-lam)*L(b) has the same gradient as the loss to the mixed softened target and mixed one-hot label."""
     torch.manual_seed(0)
     z = torch.randn(5, 4, requires_grad=True)
     pa_, pb = torch.softmax(torch.randn(5, 4), 1), torch.softmax(torch.randn(5, 4), 1)
@@ -382,8 +474,8 @@ def test_mixed_loss_equals_loss_to_mixed_targets_up_to_a_constant():
     lam, tau, alpha = 0.3, 2.0, 0.6
     ours = lam * distillation_loss(z, pa_, ya, None, tau, alpha) + (1 - lam) * distillation_loss(z, pb, yb, None, tau, alpha)
     g1, = torch.autograd.grad(ours, z)
-    # by hand: mixed soft target p and mixed one-hot label y
-    p = lam * pa_ + (1 - lam) * pb
+    # by hand: mixed soft target (each softened to tau, i.e. softmax(log p / tau)) and mixed one-hot label y
+    p = lam * torch.softmax(pa_.log() / tau, 1) + (1 - lam) * torch.softmax(pb.log() / tau, 1)
     y = lam * torch.nn.functional.one_hot(ya, 4) + (1 - lam) * torch.nn.functional.one_hot(yb, 4)
     ref = (alpha * tau ** 2 * -(p * torch.log_softmax(z / tau, 1)).sum(1) - (1 - alpha) * (y * torch.log_softmax(z, 1)).sum(1)).mean()
     g2, = torch.autograd.grad(ref, z)
@@ -402,3 +494,32 @@ def test_bad_recipe_settings_name_the_key(tmp_path, key, value, needle):
 def test_bad_randaugment_string_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="student.randaugment"):
         train_student(_job(tmp_path, randaugment="rand-zz"), progress=False)
+
+
+def test_dist_info_reads_the_torchrun_variables(monkeypatch):
+    from distillery.student.dist import get_dist_info, is_main
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert get_dist_info() == (0, 1, 0) and is_main()
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert get_dist_info() == (3, 4, 1) and not is_main()
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(ValueError, match="RANK=4, WORLD_SIZE=4"):
+        get_dist_info()
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(ValueError, match="RANK='one'"):
+        get_dist_info()
+
+
+def test_only_rank_0_writes(tmp_path, monkeypatch):
+    """A process that is not rank 0 trains but writes no checkpoint, weights, metrics, report or stamp."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    job = _job(tmp_path, name="rank1", epochs=1, cache=False, eval_dir=_eval_dir(tmp_path))
+    metrics = train_student(job, progress=False)
+    assert metrics["train_images"] == 11 and metrics["eval"]["images"] == 6
+    out = RunPaths(job.run_path).student
+    assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
