@@ -343,10 +343,11 @@ class LatteDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         from PIL import Image
 
+        from distillery.images import load_rgb
+
         im = self.images[i]
         if not isinstance(im, Image.Image):
-            with Image.open(im) as f:
-                im = f.convert("RGB")
+            im = load_rgb(im)
         c = self.zs[i]
         others = [j for j in self.same[c] if j != i] or [i]
         j = others[int(torch.randint(len(others), ()).item())]
@@ -571,3 +572,112 @@ def _train(model, tokenizer, dataset, P, cfg, class_texts, device, opt, sched, s
     finally:
         bar.close()
     return P, history
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage: registered as the teacher "latte"
+
+from .base import TeacherResult, TeacherSettings, register_teacher  # noqa: E402
+
+
+@dataclass
+class LatteSettings(TeacherSettings, LatteCfg):
+    """``teacher.latte``: :class:`LatteCfg` as a registered teacher's settings (enabled, device + LaTTe's own)."""
+
+    enabled: bool = False  # LaTTe-CLIP fine-tunes both CLIP encoders: off by default (GPU-hours on a real job)
+
+    def check(self, key: str = "teacher.latte") -> None:
+        LatteCfg.check(self, key)
+
+
+def _descriptions(ctx, cfg, zs: np.ndarray, class_texts: list[str], clip_tokenizer) -> tuple[list, list, dict]:
+    """Cleaned image and group descriptions per unlabeled image (cached by captioner, prompt, image hashes)."""
+    from distillery.images import load_rgb
+    from distillery.models import load_captioner
+
+    from .describe import DescriptionCache, clean_description, describe_cached, group_canvas, group_prompt, \
+        image_prompt
+
+    job, images = ctx.job, ctx.images
+    n = len(images)
+    image_texts, group_texts = [class_texts[c] for c in zs], [class_texts[c] for c in zs]
+    counts = {"ok": 0, "truncated": 0, "fallback": 0}
+    if not (cfg.use_image_descriptions or cfg.use_group_descriptions):
+        return image_texts, group_texts, counts
+    model, processor = load_captioner(job.models.captioner, device=ctx.device())
+    cache = DescriptionCache(ctx.out_dir / "descriptions")
+    paths, sha = images.paths, images.sha256
+    generated = 0
+    captioner = f"{job.models.captioner}|greedy|max_new_tokens={cfg.max_new_tokens}"  # what decides the text
+
+    def clean(texts):
+        out = []
+        for t, c in zip(texts, zs):
+            text, status = clean_description(t, class_texts[c], 77, clip_tokenizer)
+            counts[status] += 1
+            out.append(text)
+        return out
+
+    if cfg.use_image_descriptions:
+        items = [((sha[i],), (lambda i=i: load_rgb(paths[i]))) for i in range(n)]
+        raw, g = describe_cached(model, processor, cache, captioner, image_prompt(job.domain_phrase), items,
+                                 cfg.max_new_tokens, cfg.describe_batch_size, progress=ctx.progress)
+        image_texts, generated = clean(raw), generated + g
+    if cfg.use_group_descriptions:
+        groups = group_members(zs.tolist(), cfg.group_size, cfg.seed if cfg.seed is not None else job.seed)
+        items = [(tuple(sha[j] for j in m), (lambda m=m: group_canvas([load_rgb(paths[j]) for j in m])))
+                 for m in groups]
+        raw, g = describe_cached(model, processor, cache, captioner, group_prompt(job.domain_phrase), items,
+                                 cfg.max_new_tokens, cfg.describe_batch_size, progress=ctx.progress)
+        group_texts, generated = clean(raw), generated + g
+    counts["generated"] = generated
+    return image_texts, group_texts, counts
+
+
+def _pixel_batches(paths, preprocess, batch_size: int):
+    from distillery.images import load_rgb
+
+    for b in range(0, len(paths), batch_size):
+        yield torch.stack([preprocess(load_rgb(p)) for p in paths[b:b + batch_size]])
+
+
+@register_teacher("latte", settings=LatteSettings, roles=("clip", "captioner"), needs=("teacher:clip",),
+                  columns=("latte",))
+def run_latte(ctx) -> TeacherResult:
+    """LaTTe-CLIP: LMM descriptions + prototype fine-tuning of both CLIP encoders; nearest prototype."""
+    from safetensors.torch import save_file
+
+    from distillery.models import load_clip
+    from distillery.rundir import atomic_path
+
+    from .clip import encode_texts
+
+    cfg, job = ctx.cfg, ctx.job
+    device = ctx.device()
+    run_cfg = LatteCfg(**{k: getattr(cfg, k) for k in LatteCfg.__dataclass_fields__})
+    run_cfg.seed = cfg.seed if cfg.seed is not None else job.seed
+    zs = ctx.columns["clip"].argmax(axis=1)  # c_zs: the frozen zero-shot model's labels, computed once
+    class_texts = [cfg.class_template.format(c=c) for c in job.class_names]
+    model, preprocess, tokenizer = load_clip(job.models.clip, device=device)
+    init = torch.from_numpy(encode_texts(model, tokenizer, class_texts, device))  # (C, D): P starts here
+    image_texts, group_texts, counts = _descriptions(ctx, run_cfg, zs, class_texts, tokenizer)
+    data = LatteDataset(ctx.images.paths, zs.tolist(), class_texts, image_texts, group_texts,
+                        train_transform(preprocess, run_cfg))
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    model, protos, hist = finetune(model, tokenizer, data, init, run_cfg, device, checkpoint_dir=ctx.out_dir,
+                                   progress=ctx.progress, class_texts=class_texts)
+    model.eval()
+    with torch.no_grad():
+        probs = [predict(model, _pixel_batches(s.paths, preprocess, 64), protos, cfg.predict_scale).numpy()
+                 for s in [ctx.images] + ([ctx.eval_images] if ctx.eval_images is not None else [])]
+    with atomic_path(ctx.out_dir / "model.safetensors") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    with atomic_path(ctx.out_dir / "prototypes.safetensors") as tmp:
+        save_file({"prototypes": protos.detach().cpu().contiguous()}, str(tmp),
+                  metadata={"class_names": json.dumps(job.class_names), "class_texts": json.dumps(class_texts)})
+    tables = {"descriptions": {"sha256": list(ctx.images.sha256), "zero_shot_label": zs.tolist(),
+                               "image_text": image_texts, "group_text": group_texts}}
+    info = {"descriptions": counts, "steps": sum(h.get("steps", 0) for h in hist) if hist else 0,
+            "loss_first": hist[0].get("loss") if hist else None, "loss_last": hist[-1].get("loss") if hist else None}
+    return TeacherResult(probs={"latte": probs[0]}, eval_probs={"latte": probs[1]} if len(probs) > 1 else {},
+                         tables=tables, info=info)

@@ -6,6 +6,7 @@ import copy
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -510,3 +511,42 @@ def test_describe_with_a_chat_template_decodes_only_the_answer(tiny_models):
     for t in texts:
         assert len(tok(t, add_special_tokens=False)["input_ids"]) <= 5
         assert "describe" not in t and "assistant" not in t.lower()
+
+
+def test_latte_stage_writes_its_column_and_reuses_descriptions(make_job):
+    from distillery.rundir import RunPaths, read_json, read_table
+    from distillery.teacher import run_teacher
+    from distillery.teacher.latte import predict
+
+    over = {"teacher.latte.enabled": True, "teacher.latte.epochs": 1, "teacher.latte.batch_size": 8,
+            "teacher.latte.max_new_tokens": 4, "teacher.latte.group_size": 2, "teacher.air.enabled": False,
+            "teacher.synth.images_per_class": 1}
+    job = make_job(over)
+    run_teacher(job, progress=False)
+    paths = RunPaths(job.run_path)
+    pl = read_table(paths.pseudo_labels)
+    assert "p_latte" in pl[0] and len(pl) == 20
+    d = read_table(paths.teacher_dir("latte") / "descriptions.parquet")
+    zs = np.asarray([r["p_clip"] for r in pl]).argmax(1)
+    assert [r["zero_shot_label"] for r in d] == zs.tolist()  # c_zs = the frozen zero-shot CLIP's argmax
+    assert all(isinstance(r["image_text"], str) and r["image_text"] for r in d)
+    stamp = read_json(paths.teacher / ".teacher-latte.stamp.json")
+    assert stamp["descriptions"]["generated"] == 40  # 20 image + 20 group descriptions
+    # nearest prototype recomputed from the saved weights and prototypes
+    from safetensors.torch import load_file
+
+    from distillery.models import load_clip
+
+    model, preprocess, _ = load_clip(job.models.clip)
+    model.load_state_dict(load_file(paths.teacher_dir("latte") / "model.safetensors"))
+    P = load_file(paths.teacher_dir("latte") / "prototypes.safetensors")["prototypes"]
+    from distillery.images import load_rgb
+
+    x = torch.stack([preprocess(load_rgb(r["path"])) for r in pl[:4]])
+    with torch.no_grad():
+        ref = predict(model, x, P).numpy()
+    assert np.allclose([r["p_latte"] for r in pl[:4]], ref, atol=1e-5)
+    # another fine-tuning setting reruns the teacher but generates no description again
+    job2 = make_job({**over, "teacher.latte.mu": 0.5})
+    run_teacher(job2, progress=False)
+    assert read_json(paths.teacher / ".teacher-latte.stamp.json")["descriptions"]["generated"] == 0
