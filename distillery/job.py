@@ -138,7 +138,7 @@ class StudentCfg:
     batch_size: int = 128
     lr: float = 2e-4  # AdamW, DDN recipe
     weight_decay: float = 0.1  # SPEC §7: 0.1 for MobileNetV3, 0.3 EuroSAT ResNet
-    distill_alpha: float = 0.0  # loss = a*tau^2*KL(soft || student/tau) + (1-a)*CE(hard); 0 = plain CE
+    distill_alpha: float = 0.0  # loss = a*tau^2*KL(soft^(T/tau) || student/tau) + (1-a)*CE(hard), teacher and student softened alike (SPEC §7); 0 = plain CE
     temperature: float = 2.0  # distillation temperature tau (not published by DDN; a common default)
     model_args: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs, e.g. drop_rate
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range

@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distillery.rundir import RunPaths, list_images, log, read_table
+from distillery.rundir import RunPaths, log, read_table
 
 from .formats import STAGE
 
@@ -58,8 +58,13 @@ def _domain_images(job, paths: RunPaths) -> tuple[list[dict], str]:
         if rows:
             return rows, "pseudo_labels"
         log(f"{STAGE}: no image listed in {paths.pseudo_labels} exists any more; using {job.data.unlabeled}")
-    images = list_images(job.data.unlabeled, job.data.extensions)
-    return [{"path": str(p), "label": 0} for p in images], "unlabeled"
+    from distillery.images import unlabeled_set
+
+    try:
+        images = unlabeled_set(job, record=False)  # the same listing, hashing and decode check as the teachers
+    except FileNotFoundError:
+        return [], "unlabeled"
+    return [{"path": str(p), "label": 0} for p in images.paths], "unlabeled"
 
 
 @dataclass
