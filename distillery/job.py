@@ -87,7 +87,9 @@ class SynthCfg:
 
 @dataclass
 class EnsembleCfg:
-    weights: dict[str, float] = field(default_factory=dict)  # teacher column -> weight; {} = 1 on each teacher's final column that no other teacher builds on (air_prompt over clip)
+    weights: dict[str, float] = field(default_factory=dict)  # teacher column -> fixed weight; {} = learned without labels (see weighting)
+    weighting: str = "agreement"  # with weights {}: over each teacher's final column nobody builds on (air_prompt, not the clip it refines): "agreement" (each weighted by how often its argmax agrees with the others') or "equal"
+    drop_synthetic_below: float = 0.0  # drop a synthetic image when the fused probability of its generating class is below this (0 = keep all; e.g. 0.05)
     use_synthetic: bool = True  # put synthetic images in the training manifest
     synthetic_weight: float = 1.0  # per-row weight of synthetic images
     min_confidence: float = 0.0  # real images below this fused confidence get weight 0
@@ -495,7 +497,14 @@ def _validate_teachers(job: Job) -> None:
             raise JobError(f"teacher.{name}: needs the synthetic images, but teacher.synth.enabled is false; enable "
                            f"synthesis (or teacher.synth.source=table) or set teacher.{name}.enabled=false.")
     columns = all_columns()
-    if not job.teacher.ensemble.weights:
+    en = job.teacher.ensemble
+    if en.weighting not in ("agreement", "equal"):
+        raise JobError(f"teacher.ensemble.weighting: unknown value {en.weighting!r}; choose agreement or equal (or "
+                       "give fixed teacher.ensemble.weights).")
+    if not 0.0 <= en.drop_synthetic_below < 1.0:
+        raise JobError(f"teacher.ensemble.drop_synthetic_below: must be in [0, 1) (0 = keep every synthetic image), "
+                       f"got {en.drop_synthetic_below}.")
+    if not en.weights:
         return
     for col, w in job.teacher.ensemble.weights.items():
         if w < 0:

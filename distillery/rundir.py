@@ -10,6 +10,7 @@ runs/<job>/teacher/features/<encoder>/       image features by (encoder, preproc
 runs/<job>/teacher/probs/<column>.parquet    each teacher column's class probabilities per real image
 runs/<job>/teacher/eval/<column>.parquet     the same columns on the evaluation images (data.eval only)
 runs/<job>/teacher/eval.json                 each column's top-1 on data.eval (evaluation only)
+runs/<job>/teacher/synthetic_probs/<column>.parquet  the columns on the synthetic images (ensemble's filter)
 runs/<job>/teacher/<teacher>/…               a teacher's own side tables and weights
 runs/<job>/teacher/pseudo_labels.parquet     one row per real image, one probability column per teacher
 runs/<job>/teacher/manifest.parquet          the training set
@@ -95,6 +96,10 @@ class RunPaths:
 
     def eval_probs(self, column: str) -> Path:
         return self.eval_probs_dir / f"{column}.parquet"
+
+    def synthetic_probs(self, column: str) -> Path:
+        """A column's probabilities on the synthetic images (for the ensemble's synthetic filter)."""
+        return self.teacher / "synthetic_probs" / f"{column}.parquet"
 
     @property
     def teacher_eval(self) -> Path:

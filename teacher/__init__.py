@@ -85,7 +85,7 @@ def run_teacher(job, progress: bool = True) -> dict:
     info.update(out["info"])
     info["ensemble"] = run_ensemble(job, progress, images=images, synthetic=synthetic, synthetic_file=synthetic_file)
     if evals is not None:
-        info["eval"] = evaluate_columns(job, evals, out["eval_columns"])
+        info["eval"] = evaluate_columns(job, evals, out["eval_columns"], info["ensemble"].get("weights"))
     write_report(job, images)
     return info
 

@@ -1,10 +1,10 @@
 """AiR: an auxiliary image-image classifier from synthetic prototypes, fused with zero-shot CLIP, and
 CoOp-style prompt learning on the fused pseudo-labels (SPEC §3; "Beyond Words", CVPR 2025).
 
-Everything here is a pure function of arrays/tensors and models handed in; the stage that reads the
-run folder (synthetic.parquet, the feature store, probs/clip.parquet) and writes ``probs/air.parquet``
-lives elsewhere. numpy does the scoring; torch is imported only inside the functions that train or
-encode, so importing this module costs nothing.
+The math is pure functions of arrays/tensors and models handed in; the registered teacher at the end
+(``run_air``) feeds them from the runner's context (the synthetic rows, the CLIP column, the shared
+feature store) and returns the columns ``air_aux``, ``air_fused``, ``air_prompt``. numpy does the scoring;
+torch is imported only inside the functions that train or encode.
 
 The method, with the shapes used below (N real images, C classes, D feature size, M synthetic images
 of a class, K prototypes kept per class):
@@ -679,17 +679,6 @@ class AirSettings(TeacherSettings, AirCfg):
         AirCfg.check(self, key)
 
 
-def _synthetic_features(ctx, model_ref: str, preprocess, device: str, batch_size: int):
-    """CLIP features of the synthetic images (the feature store, keyed by their sha256)."""
-    from distillery.images import ImageSet
-
-    from .clip import image_features
-
-    rows = ctx.synthetic or []
-    syn = ImageSet([Path(r["path"]) for r in rows], [r["sha256"] for r in rows])
-    return rows, image_features(ctx, model_ref, preprocess, device, batch_size, [syn])[0]
-
-
 @register_teacher("air", settings=AirSettings, roles=("clip",), needs=("teacher:clip", "synthetic", "features:clip"),
                   columns=("air_aux", "air_fused", "air_prompt"))
 def run_air(ctx) -> TeacherResult:
@@ -699,16 +688,17 @@ def run_air(ctx) -> TeacherResult:
     from distillery.images import load_rgb
     from distillery.models import load_clip
 
-    from .clip import image_features
+    from .clip import image_features, prediction_sets, result_from_sets
 
     cfg, job = ctx.cfg, ctx.job
     device = ctx.device()
     seed = cfg.seed if cfg.seed is not None else job.seed
     model, preprocess, tokenizer = load_clip(job.models.clip, device=device)
     batch = job.teacher.clip.batch_size
-    sets = [ctx.images] + ([ctx.eval_images] if ctx.eval_images is not None else [])
-    feats = image_features(ctx, job.models.clip, preprocess, device, batch, sets)
-    rows, syn_feats = _synthetic_features(ctx, job.models.clip, preprocess, device, batch)
+    sets = prediction_sets(ctx)
+    feats = dict(zip(sets, image_features(ctx, job.models.clip, preprocess, device, batch, list(sets.values()))))
+    rows = ctx.synthetic or []
+    syn_feats = feats["synthetic"] if "synthetic" in feats else np.zeros((0, 1), np.float32)
     names = job.class_names
     counts = np.bincount([r["class_index"] for r in rows], minlength=len(names)) if rows else np.zeros(len(names))
     if (counts == 0).any():
@@ -727,14 +717,14 @@ def run_air(ctx) -> TeacherResult:
             for k, v in (("class_index", c), ("class_name", names[c]), ("path", rows[i]["path"]),
                          ("sha256", rows[i]["sha256"]), ("rank", rank)):
                 chosen[k].append(v)
-    p_zs = [ctx.columns["clip"]] + ([ctx.eval_columns["clip"]] if ctx.eval_images is not None else [])
-    out = [_aux_and_fused(p, f, protos, cfg) for p, f in zip(p_zs, feats)]  # per image set: (aux, fused)
-
-    prompt = [o[1] for o in out]
+    p_zs = {"real": ctx.columns["clip"], "eval": ctx.eval_columns.get("clip"),
+            "synthetic": ctx.synthetic_columns.get("clip")}
+    out = {k: _aux_and_fused(p_zs[k], f, protos, cfg) for k, f in feats.items() if p_zs[k] is not None}
+    prompt = {k: o[1] for k, o in out.items()}  # (aux, fused) per image set
     info = {"prototypes_per_class": [len(p) for p in protos], "synthetic_rows": len(rows)}
     tables = {"prototypes": chosen}
     if cfg.prompt_learning:
-        idx, labels = select_confident(out[0][1], cfg.top_n)
+        idx, labels = select_confident(out["real"][1], cfg.top_n)
         strong = strong_transform(preprocess)
         paths = ctx.images.paths
 
@@ -743,19 +733,19 @@ def run_air(ctx) -> TeacherResult:
 
         run_cfg = AirCfg(**{k: getattr(cfg, k) for k in AirCfg.__dataclass_fields__})
         run_cfg.seed = seed
-        ctx_vec, hist = train_prompts(model, tokenizer, names, feats[0][idx], strong_batch, labels, run_cfg,
+        ctx_vec, hist = train_prompts(model, tokenizer, names, feats["real"][idx], strong_batch, labels, run_cfg,
                                       device=device, progress=ctx.progress, domain=job.domain_phrase)
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         save_context(ctx.out_dir / "context.safetensors", ctx_vec,
                      {"class_names": names, "ctx_init": cfg.ctx_init, "clip": job.models.clip})
-        prompt = [predict_with_context(model, tokenizer, ctx_vec, names, f, cfg.logit_scale) for f in feats]
+        prompt = {k: predict_with_context(model, tokenizer, ctx_vec, names, feats[k], cfg.logit_scale) for k in out}
         tables["training_images"] = {"path": [str(paths[i]) for i in idx], "sha256": [ctx.images.sha256[i] for i in idx],
                                      "pseudo_label": labels.tolist()}
         info.update(prompt_training_images=len(idx), prompt_loss_first=hist["loss"][0], prompt_loss_last=hist["loss"][-1],
                     prompt_seconds=hist["seconds"])
     cols = ("air_aux", "air_fused", "air_prompt")
-    res = [dict(zip(cols, (o[0], o[1], pr))) for o, pr in zip(out, prompt)]
-    return TeacherResult(probs=res[0], eval_probs=res[1] if len(res) > 1 else {}, tables=tables, info=info)
+    return result_from_sets({k: dict(zip(cols, (o[0], o[1], prompt[k]))) for k, o in out.items()},
+                            tables=tables, info=info)
 
 
 def _aux_and_fused(p: np.ndarray, feats: np.ndarray, protos, cfg) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,8 @@ A probability teacher declares, where it is defined (as timm's ``@register_model
     @register_teacher("mine", settings=MyCfg, roles=("clip",), needs=("teacher:clip",),
                       columns=("mine",))
     def run_mine(ctx: TeacherContext) -> TeacherResult:
-        ...                                 # (N, C) probabilities for ctx.images (and ctx.eval_images)
+        ...                                 # (N, C) probabilities for ctx.images (and, optionally, for
+                                            # ctx.eval_images and ctx.synthetic_images)
 
 - ``roles``: the model roles it loads (``models.<role>``), checked before any work.
 - ``needs``: ``"teacher:<name>"`` (that teacher's columns, in ``ctx.columns``; it runs first, even when it is
@@ -37,7 +38,8 @@ from distillery.rundir import RunPaths, is_done, log, mark_done, read_table, sav
     write_table
 
 __all__ = ["TeacherSettings", "TeacherSpec", "TeacherContext", "TeacherResult", "TEACHERS", "register_teacher",
-           "teacher_order", "run_teachers", "all_columns", "column_owner", "teachers_to_run", "ensemble_weights"]
+           "teacher_order", "run_teachers", "all_columns", "column_owner", "teachers_to_run", "ensemble_weights",
+           "agreement_weights", "default_columns"]
 
 
 @dataclass
@@ -126,17 +128,42 @@ def teacher_order(names: list[str]) -> list[str]:
     return order
 
 
-def default_weights(job) -> dict[str, float]:
-    """Weight 1 on the final column of every running teacher that no other running teacher builds on (e.g.
-    AiR's prompt-learned column rather than the zero-shot CLIP it refines)."""
+def default_columns(job) -> list[str]:
+    """The final column of every running teacher that no other running teacher builds on (e.g. AiR's
+    prompt-learned column rather than the zero-shot CLIP it refines): what the default ensemble fuses."""
     running = teachers_to_run(job)
     used = {d for t in running for d in TEACHERS[t].teacher_needs}
-    return {TEACHERS[t].final: 1.0 for t in running if t not in used}
+    return [TEACHERS[t].final for t in running if t not in used]
 
 
-def ensemble_weights(job) -> dict[str, float]:
-    """``teacher.ensemble.weights``, or :func:`default_weights` when the job leaves it empty."""
-    return dict(job.teacher.ensemble.weights) or default_weights(job)
+def agreement_weights(probs: dict[str, np.ndarray]) -> dict[str, float]:
+    """Label-free weights: w_t = share of (image, other column) pairs whose argmax agrees with column t's,
+    w_t = mean_i (1/(T-1)) Σ_{s≠t} [argmax p_t(i) = argmax p_s(i)]. One column gets 1; all-zero falls back to
+    equal weights. (With two columns the weights are necessarily equal: agreement is symmetric.)"""
+    cols = list(probs)
+    if len(cols) < 2:
+        return {c: 1.0 for c in cols}
+    top = np.stack([np.asarray(probs[c]).argmax(axis=1) for c in cols])  # (T, N)
+    same = (top[:, None, :] == top[None, :, :]).mean(axis=2)  # (T, T) agreement rates
+    w = (same.sum(axis=1) - 1.0) / (len(cols) - 1)
+    if not np.any(w > 0):
+        return {c: 1.0 for c in cols}
+    return {c: round(float(x), 6) for c, x in zip(cols, w)}
+
+
+def ensemble_weights(job, probs: dict[str, np.ndarray] | None = None) -> tuple[dict[str, float], str]:
+    """(weights, why): ``teacher.ensemble.weights`` when given; else the default columns, weighted by
+    :func:`agreement_weights` on ``probs`` (``weighting: agreement``) or equally."""
+    cfg = job.teacher.ensemble
+    if cfg.weights:
+        return dict(cfg.weights), "fixed (teacher.ensemble.weights)"
+    cols = default_columns(job)
+    if cfg.weighting == "agreement" and probs is not None and len(cols) > 2:
+        return agreement_weights({c: probs[c] for c in cols}), \
+            "agreement of each final column's argmax with the others' on the unlabeled images"
+    why = "equal: one final column" if len(cols) == 1 else (
+        "equal: with two columns agreement weights are equal" if cfg.weighting == "agreement" else "equal")
+    return {c: 1.0 for c in cols}, why
 
 
 def teachers_to_run(job) -> list[str]:
@@ -159,6 +186,8 @@ class TeacherContext:
     columns: dict[str, np.ndarray] = field(default_factory=dict)  # earlier teachers' (N, C) columns
     eval_columns: dict[str, np.ndarray] = field(default_factory=dict)  # the same on eval_images
     synthetic: list[dict] | None = None  # rows of synthetic.parquet (needs "synthetic")
+    synthetic_images: Any | None = None  # the same rows as an ImageSet (for synthetic_probs), or None
+    synthetic_columns: dict[str, np.ndarray] = field(default_factory=dict)  # earlier columns on synthetic_images
 
     @property
     def out_dir(self) -> Path:
@@ -178,11 +207,13 @@ class TeacherContext:
 @dataclass
 class TeacherResult:
     """What a teacher returns: (N, C) probabilities per column (rows = ``ctx.images``), and optionally the
-    same columns on ``ctx.eval_images``, side tables (written to ``teacher/<name>/<table>.parquet``) and
+    same columns on ``ctx.eval_images`` and ``ctx.synthetic_images``, side tables (written to ``teacher/<name>/<table>.parquet``) and
     figures for the report."""
 
     probs: dict[str, np.ndarray]
     eval_probs: dict[str, np.ndarray] = field(default_factory=dict)
+    synthetic_probs: dict[str, np.ndarray] = field(default_factory=dict)  # on ctx.synthetic_images: lets the
+    # ensemble drop synthetic images the teachers strongly disagree with (optional per teacher)
     tables: dict[str, Any] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
@@ -202,7 +233,8 @@ def read_probs(path: Path, images, what: str) -> np.ndarray:
     return np.asarray([by_sha[s] for s in images.sha256], dtype=np.float64)
 
 
-def _check_result(spec: TeacherSpec, res: TeacherResult, n: int, n_eval: int | None, c: int) -> None:
+def _check_result(spec: TeacherSpec, res: TeacherResult, n: int, n_eval: int | None, c: int,
+                  n_syn: int | None = None) -> None:
     if set(res.probs) != set(spec.columns):
         raise RuntimeError(f"teacher {spec.name!r} returned columns {sorted(res.probs)}, registered {list(spec.columns)}.")
     for col, p in res.probs.items():
@@ -211,14 +243,16 @@ def _check_result(spec: TeacherSpec, res: TeacherResult, n: int, n_eval: int | N
             raise RuntimeError(f"teacher {spec.name!r}: column {col!r} has shape {p.shape}, expected ({n}, {c}).")
         if not np.all(np.isfinite(p)) or np.abs(p.sum(axis=1) - 1).max() > 1e-3 or p.min() < -1e-6:
             raise RuntimeError(f"teacher {spec.name!r}: column {col!r} is not a probability distribution per row.")
-    if n_eval is not None and res.eval_probs:
-        for col, p in res.eval_probs.items():
-            if np.asarray(p).shape != (n_eval, c):
-                raise RuntimeError(f"teacher {spec.name!r}: eval column {col!r} has shape {np.shape(p)}, "
-                                   f"expected ({n_eval}, {c}).")
+    for what, m, extra in (("eval", n_eval, res.eval_probs), ("synthetic", n_syn, res.synthetic_probs)):
+        if extra and m is None:
+            raise RuntimeError(f"teacher {spec.name!r} returned {what} columns but was given no {what} images.")
+        for col, p in extra.items():
+            if col not in spec.columns or np.asarray(p).shape != (m, c):
+                raise RuntimeError(f"teacher {spec.name!r}: {what} column {col!r} has shape {np.shape(p)}, "
+                                   f"expected one of {list(spec.columns)} with shape ({m}, {c}).")
 
 
-def teacher_key(job, spec: TeacherSpec, images, eval_images, input_files: list[Path]) -> str:
+def teacher_key(job, spec: TeacherSpec, images, eval_images, input_files: list[Path], syn_images=None) -> str:
     from distillery.rundir import sha256_file
 
     roles = {r: getattr(job.models, r) for r in spec.roles}
@@ -226,15 +260,21 @@ def teacher_key(job, spec: TeacherSpec, images, eval_images, input_files: list[P
     return settings_hash(spec.name, spec.version, settings, job.class_names,
                          job.domain, job.seed, roles, list(images.sha256),
                          list(eval_images.sha256) if eval_images is not None else None,
-                         [(p.name, sha256_file(p)) for p in input_files])
+                         [(p.name, sha256_file(p)) for p in input_files],
+                         list(syn_images.sha256) if syn_images is not None else None)
 
 
 def run_teachers(job, images, eval_images, executor, progress: bool = True, synthetic: list[dict] | None = None,
                  synthetic_file: Path | None = None) -> dict:
     """Run every teacher of ``job`` in need order; each skips itself when its stamp matches."""
+    from distillery.images import ImageSet
+
     paths = RunPaths(job.run_path)
     columns: dict[str, np.ndarray] = {}
     eval_columns: dict[str, np.ndarray] = {}
+    syn_columns: dict[str, np.ndarray] = {}
+    syn_images = ImageSet([Path(r["path"]) for r in synthetic], [r["sha256"] for r in synthetic]) \
+        if synthetic else None
     info: dict[str, Any] = {}
     running = teachers_to_run(job)
     for name in running:
@@ -249,9 +289,9 @@ def run_teachers(job, images, eval_images, executor, progress: bool = True, synt
         inputs = [paths.probs(c) for d in spec.teacher_needs for c in TEACHERS[d].columns]
         if "synthetic" in spec.needs and synthetic_file is not None:
             inputs.append(synthetic_file)
-        key = teacher_key(job, spec, images, eval_images, inputs)
+        key = teacher_key(job, spec, images, eval_images, inputs, syn_images)
         outs = [paths.probs(c) for c in spec.columns]
-        eval_outs = [paths.eval_probs(c) for c in spec.columns] if eval_images is not None else []
+        extra_outs = [f(c) for c in spec.columns for f in (paths.eval_probs, paths.synthetic_probs)]
         stage = f"teacher-{name}"
         if is_done(paths.teacher, stage, key, outs):
             log(f"{name}: up to date ({len(images)} images -> {', '.join(o.name for o in outs)})")
@@ -259,27 +299,33 @@ def run_teachers(job, images, eval_images, executor, progress: bool = True, synt
                 columns[c] = read_probs(paths.probs(c), images, f"{c} probabilities")
                 if eval_images is not None and paths.eval_probs(c).is_file():
                     eval_columns[c] = read_probs(paths.eval_probs(c), eval_images, f"{c} evaluation probabilities")
+                if syn_images is not None and paths.synthetic_probs(c).is_file():
+                    syn_columns[c] = read_probs(paths.synthetic_probs(c), syn_images, f"{c} synthetic probabilities")
             info[name] = {"images": len(images), "computed": 0}
             continue
         save_resolved_job(job, paths.teacher)
         ctx = TeacherContext(job, name, cfg, paths, images, eval_images, executor, progress, dict(columns),
-                             dict(eval_columns), synthetic)
+                             dict(eval_columns), synthetic, syn_images, dict(syn_columns))
         t0 = time.perf_counter()
         res = spec.run(ctx)
         elapsed = time.perf_counter() - t0
-        _check_result(spec, res, len(images), len(eval_images) if eval_images is not None else None, len(job.classes))
+        _check_result(spec, res, len(images), len(eval_images) if eval_images is not None else None, len(job.classes),
+                      len(syn_images) if syn_images is not None else None)
         for c, p in res.probs.items():
             _write_probs(paths.probs(c), images, p)
             columns[c] = np.asarray(p, np.float64)
-        for o in eval_outs:
+        for o in extra_outs:
             o.unlink(missing_ok=True)
         for c, p in res.eval_probs.items():
             _write_probs(paths.eval_probs(c), eval_images, p)
             eval_columns[c] = np.asarray(p, np.float64)
+        for c, p in res.synthetic_probs.items():
+            _write_probs(paths.synthetic_probs(c), syn_images, p)
+            syn_columns[c] = np.asarray(p, np.float64)
         for tname, rows in res.tables.items():
             write_table(ctx.out_dir / f"{tname}.parquet", rows)
         stamp = {**res.info, "images": len(images), "seconds": round(elapsed, 2)}
         mark_done(paths.teacher, stage, key, stamp)
         log(f"{name}: {len(images)} images in {elapsed:.1f}s -> {', '.join(o.name for o in outs)}")
         info[name] = {**stamp, "computed": len(images)}
-    return {"columns": columns, "eval_columns": eval_columns, "info": info}
+    return {"columns": columns, "eval_columns": eval_columns, "synthetic_columns": syn_columns, "info": info}

@@ -95,7 +95,23 @@ def run_clip(ctx) -> TeacherResult:
     device = ctx.device()
     model, preprocess, tokenizer = load_clip(job.models.clip, device=device)
     weights = class_weights(model, tokenizer, cfg.templates, job.class_names, job.domain_phrase, device)
-    sets = [ctx.images] + ([ctx.eval_images] if ctx.eval_images is not None else [])
-    feats = image_features(ctx, job.models.clip, preprocess, device, cfg.batch_size, sets)
-    probs = [zero_shot_probs(f, weights, cfg.logit_scale).astype(np.float32) for f in feats]
-    return TeacherResult(probs={"clip": probs[0]}, eval_probs={"clip": probs[1]} if len(probs) > 1 else {})
+    sets = prediction_sets(ctx)
+    feats = image_features(ctx, job.models.clip, preprocess, device, cfg.batch_size, list(sets.values()))
+    probs = {k: {"clip": zero_shot_probs(f, weights, cfg.logit_scale).astype(np.float32)} for k, f in zip(sets, feats)}
+    return result_from_sets(probs)
+
+
+def prediction_sets(ctx) -> dict:
+    """The image sets a teacher predicts: "real" (always), "eval" and "synthetic" when the run has them."""
+    sets = {"real": ctx.images}
+    if ctx.eval_images is not None:
+        sets["eval"] = ctx.eval_images
+    if ctx.synthetic_images is not None:
+        sets["synthetic"] = ctx.synthetic_images
+    return sets
+
+
+def result_from_sets(probs: dict[str, dict], **kw) -> TeacherResult:
+    """A TeacherResult from {"real" | "eval" | "synthetic": {column: (n, C)}}."""
+    return TeacherResult(probs=probs["real"], eval_probs=probs.get("eval", {}),
+                         synthetic_probs=probs.get("synthetic", {}), **kw)

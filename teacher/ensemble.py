@@ -49,8 +49,6 @@ def run_ensemble(job, progress: bool = True, *, images=None, synthetic: list[dic
     """Fuse the columns into soft labels (``pseudo_labels.parquet``) and write the manifest."""
     from distillery.images import unlabeled_set
 
-    from .base import ensemble_weights
-
     paths = RunPaths(job.run_path)
     cfg = job.teacher.ensemble
     images = images if images is not None else unlabeled_set(job)
@@ -61,12 +59,40 @@ def run_ensemble(job, progress: bool = True, *, images=None, synthetic: list[dic
             raise FileNotFoundError(f"ensemble: {str(f)!r} is missing; the column {c!r} has not been computed. "
                                     "Run `distillery teacher` (it runs every enabled teacher).")
     synth_used = cfg.use_synthetic and synthetic is not None
-    inputs = list(files.values()) + ([synthetic_file] if synth_used else [])
-    key = stage_key({"ensemble": asdict(cfg), "weights": ensemble_weights(job), "classes": job.class_names,
-                     "synth": synth_used, "images": list(images.sha256)}, inputs)
+    syn_files = [paths.synthetic_probs(c) for c in cols if synth_used and paths.synthetic_probs(c).is_file()]
+    inputs = list(files.values()) + ([synthetic_file] if synth_used else []) + syn_files
+    key = stage_key({"ensemble": asdict(cfg), "classes": job.class_names, "columns": cols, "synth": synth_used,
+                     "images": list(images.sha256)}, inputs)
     return cached_stage(job, paths.teacher, "ensemble", key, [paths.pseudo_labels, paths.manifest],
                         lambda: _write_ensemble(job, images, files, synthetic if synth_used else None),
                         up_to_date=str(paths.manifest))
+
+
+def synthetic_keep(job, synthetic: list[dict], weights: dict[str, float]) -> tuple[np.ndarray, dict]:
+    """Which synthetic images stay: those whose generating class gets a fused probability of at least
+    ``teacher.ensemble.drop_synthetic_below`` from the columns that scored the synthetic images (the weighted
+    ones among them, renormalised). Returns (keep (S,) bool, info with the count dropped per class)."""
+    from distillery.images import ImageSet
+
+    from .base import read_probs
+
+    cfg = job.teacher.ensemble
+    paths = RunPaths(job.run_path)
+    keep = np.ones(len(synthetic), bool)
+    info = {"threshold": cfg.drop_synthetic_below, "dropped_per_class": {c: 0 for c in job.class_names}}
+    if cfg.drop_synthetic_below <= 0 or not synthetic:
+        return keep, {**info, "columns": []}
+    syn = ImageSet([r["path"] for r in synthetic], [r["sha256"] for r in synthetic])
+    have = {c: w for c, w in weights.items() if w > 0 and paths.synthetic_probs(c).is_file()}
+    if not have:
+        log("ensemble: no weighted column scored the synthetic images; none is dropped")
+        return keep, {**info, "columns": []}
+    fused = fuse({c: read_probs(paths.synthetic_probs(c), syn, f"{c} synthetic probabilities") for c in have}, have)
+    cls = np.asarray([r["class_index"] for r in synthetic])
+    keep = fused[np.arange(len(cls)), cls] >= cfg.drop_synthetic_below
+    for c in cls[~keep]:
+        info["dropped_per_class"][job.class_names[int(c)]] += 1
+    return keep, {**info, "columns": sorted(have), "dropped": int((~keep).sum())}
 
 
 def _write_ensemble(job, images, files: dict, synthetic: list[dict] | None) -> dict:
@@ -74,7 +100,6 @@ def _write_ensemble(job, images, files: dict, synthetic: list[dict] | None) -> d
 
     paths = RunPaths(job.run_path)
     cfg = job.teacher.ensemble
-    weights = ensemble_weights(job)
     n_classes = len(job.classes)
     probs = {}
     for c, f in files.items():
@@ -82,6 +107,7 @@ def _write_ensemble(job, images, files: dict, synthetic: list[dict] | None) -> d
         if p.shape[1] != n_classes:
             raise ValueError(f"ensemble: column {c!r} has {p.shape[1]} classes, the job has {n_classes}; rerun it.")
         probs[c] = p
+    weights, why = ensemble_weights(job, probs)
     soft = fuse(probs, weights)
     label = soft.argmax(axis=1)
     conf = soft.max(axis=1)
@@ -101,8 +127,11 @@ def _write_ensemble(job, images, files: dict, synthetic: list[dict] | None) -> d
                      "soft_target": pl["soft_target"][i],
                      "weight": float(1.0 if conf[i] >= cfg.min_confidence else 0.0),
                      "temperature": SOFT_TARGET_TEMPERATURE, "provenance": provenance})
+    keep, dropped = synthetic_keep(job, synthetic or [], weights)
     n_syn = 0
-    for r in synthetic or []:
+    for r, k in zip(synthetic or [], keep):
+        if not k:
+            continue
         onehot = np.zeros(n_classes, np.float32)
         onehot[r["class_index"]] = 1.0
         rows.append({"path": r["path"], "source": "synthetic", "sha256": r["sha256"], "label": int(r["class_index"]),
@@ -117,10 +146,11 @@ def _write_ensemble(job, images, files: dict, synthetic: list[dict] | None) -> d
     write_table(paths.manifest, rows, schema=schema)
     counts = np.bincount(label, minlength=n_classes).tolist()
     info = {"real": len(images), "synthetic": n_syn, "columns": list(probs), "weights": {c: weights[c] for c in used},
-            "weights_from": "teacher.ensemble.weights" if cfg.weights else "default: the final column of each teacher",
+            "weights_why": why, "synthetic_dropped": dropped,
             "pseudo_label_counts": dict(zip(job.class_names, counts)),
             "mean_confidence": round(float(conf.mean()), 4), "mean_agreement": round(float(agree.mean()), 4)}
-    log(f"ensemble: {len(images)} real + {n_syn} synthetic rows -> {paths.manifest}")
+    log(f"ensemble: {len(images)} real + {n_syn} synthetic rows -> {paths.manifest}; weights {info['weights']} "
+        f"({why})" + (f"; dropped {dropped['dropped']} synthetic images" if dropped.get("dropped") else ""))
     return info
 
 
@@ -137,8 +167,9 @@ def eval_labels(job, images) -> np.ndarray:
     return np.array([folder_to_class.get(Path(p).relative_to(root).parts[0], -1) for p in images.paths], np.int64)
 
 
-def evaluate_columns(job, images, eval_columns: dict[str, np.ndarray]) -> dict:
-    """``teacher/eval.json``: top-1 of every column and of the ensemble on the evaluation images."""
+def evaluate_columns(job, images, eval_columns: dict[str, np.ndarray], weights: dict[str, float] | None = None) -> dict:
+    """``teacher/eval.json``: top-1 of every column and of the ensemble (fused with ``weights``, the ones the
+    ensemble stage used) on the evaluation images."""
     paths = RunPaths(job.run_path)
     labels = eval_labels(job, images)
     known = labels >= 0
@@ -149,7 +180,7 @@ def evaluate_columns(job, images, eval_columns: dict[str, np.ndarray]) -> dict:
     from .base import ensemble_weights
 
     cols = dict(eval_columns)
-    weights = ensemble_weights(job)
+    weights = weights if weights is not None else ensemble_weights(job)[0]
     if all(c in cols for c, w in weights.items() if w > 0):
         cols["ensemble"] = fuse(cols, weights)
     for c, p in cols.items():

@@ -650,7 +650,7 @@ def run_latte(ctx) -> TeacherResult:
     from distillery.models import load_clip
     from distillery.rundir import atomic_path
 
-    from .clip import encode_texts
+    from .clip import encode_texts, prediction_sets, result_from_sets
 
     cfg, job = ctx.cfg, ctx.job
     device = ctx.device()
@@ -668,8 +668,8 @@ def run_latte(ctx) -> TeacherResult:
                                    progress=ctx.progress, class_texts=class_texts)
     model.eval()
     with torch.no_grad():
-        probs = [predict(model, _pixel_batches(s.paths, preprocess, 64), protos, cfg.predict_scale).numpy()
-                 for s in [ctx.images] + ([ctx.eval_images] if ctx.eval_images is not None else [])]
+        probs = {k: {"latte": predict(model, _pixel_batches(s.paths, preprocess, 64), protos, cfg.predict_scale).numpy()}
+                 for k, s in prediction_sets(ctx).items()}
     with atomic_path(ctx.out_dir / "model.safetensors") as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     with atomic_path(ctx.out_dir / "prototypes.safetensors") as tmp:
@@ -679,5 +679,4 @@ def run_latte(ctx) -> TeacherResult:
                                "image_text": image_texts, "group_text": group_texts}}
     info = {"descriptions": counts, "steps": sum(h.get("steps", 0) for h in hist) if hist else 0,
             "loss_first": hist[0].get("loss") if hist else None, "loss_last": hist[-1].get("loss") if hist else None}
-    return TeacherResult(probs={"latte": probs[0]}, eval_probs={"latte": probs[1]} if len(probs) > 1 else {},
-                         tables=tables, info=info)
+    return result_from_sets(probs, tables=tables, info=info)

@@ -101,4 +101,36 @@ def _column_lines(job, paths: RunPaths) -> list[str]:
         top1 = ev.get(name, {}).get("top1")
         lines.append(f"| {name} | {p.max(1).mean():.3f} | " + " | ".join(str(int(h)) for h in hist) +
                      f" | {'-' if top1 is None else f'{top1:.4f}'} |")
-    return lines + [""]
+    lines.append("")
+    top = {c: np.asarray([r[c if c == "soft_target" else f"p_{c}"] for r in rows]).argmax(1) for c in cols}
+    names = ["ensemble" if c == "soft_target" else c for c in cols]
+    lines += ["### Agreement between columns (share of images with the same argmax; no labels)", "",
+              "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for c, n in zip(cols, names):
+        lines.append(f"| {n} | " + " | ".join(f"{(top[c] == top[d]).mean():.2f}" for d in cols) + " |")
+    lines.append("")
+    stamp = paths.teacher / ".ensemble.stamp.json"
+    if stamp.is_file():
+        st = read_json(stamp)
+        lines += ["### Ensemble", "", f"- weights {st.get('weights')} ({st.get('weights_why', '')})"]
+        d = st.get("synthetic_dropped") or {}
+        if d.get("threshold"):
+            lines.append(f"- synthetic images dropped (fused probability of their class < {d['threshold']}): "
+                         f"{d.get('dropped', 0)}; per class {d.get('dropped_per_class')}")
+        lines.append("")
+    protos = paths.teacher_dir("air") / "prototypes.parquet"
+    if protos.is_file():
+        grid = _prototype_grid(job, paths, read_table(protos))
+        lines += ["### AiR prototypes (synthetic images closest to their class mean)", "",
+                  f"![prototypes]({grid.relative_to(paths.teacher).as_posix()})", ""]
+    return lines
+
+
+def _prototype_grid(job, paths: RunPaths, rows: list[dict], per_class: int = 8) -> Path:
+    cells = [[r["path"] for r in rows if r["class_index"] == c and r["rank"] < per_class]
+             for c in range(len(job.classes))]
+    dest = paths.grid("air_prototypes")
+    img = image_grid(cells, job.class_names, title="AiR prototypes")
+    with atomic_path(dest) as tmp:
+        img.save(tmp, format="PNG")
+    return dest

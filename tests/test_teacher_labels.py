@@ -84,3 +84,45 @@ def test_teacher_stages_write_the_contract(make_job):
     p = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
     row0 = next(r for r in pl if r["path"] == str(img.resolve()))
     assert np.allclose(row0["p_clip"], p, atol=1e-4), (row0["p_clip"], p)
+
+
+def test_agreement_weights_by_hand():
+    from distillery.teacher.base import agreement_weights
+
+    a = np.array([[1, 0], [1, 0], [0, 1], [0, 1.0]])  # argmax 0 0 1 1
+    b = np.array([[1, 0], [1, 0], [0, 1], [1, 0.0]])  # 0 0 1 0
+    c = np.array([[0, 1], [1, 0], [0, 1], [1, 0.0]])  # 1 0 1 0
+    w = agreement_weights({"a": a, "b": b, "c": c})
+    # a~b 3/4, a~c 2/4, b~c 3/4 -> w_a = (3/4 + 2/4)/2, w_b = (3/4 + 3/4)/2, w_c = (2/4 + 3/4)/2
+    assert w == {"a": 0.625, "b": 0.75, "c": 0.625}
+    assert agreement_weights({"a": a}) == {"a": 1.0}
+
+
+def test_ensemble_weights_rules(make_job):
+    from distillery.teacher.base import ensemble_weights
+
+    job = make_job()  # clip + air: air_prompt is the only final column nobody builds on
+    assert ensemble_weights(job)[0] == {"air_prompt": 1.0}
+    job = make_job({"teacher.air.enabled": False})  # any subset: clip alone
+    assert ensemble_weights(job)[0] == {"clip": 1.0}
+    job = make_job({"teacher.ensemble.weights": {"clip": 2.0, "air_fused": 1.0}})
+    assert ensemble_weights(job) == ({"clip": 2.0, "air_fused": 1.0}, "fixed (teacher.ensemble.weights)")
+
+
+def test_dropped_synthetic_rule(make_job):
+    """A synthetic image whose generating class gets a fused probability below the threshold is left out of
+    the manifest and counted for its class; recomputed here from the synthetic columns."""
+    from distillery.teacher import run_teacher
+
+    job = make_job({"teacher.synth.images_per_class": 3, "teacher.air.enabled": False,
+                    "teacher.ensemble.drop_synthetic_below": 0.34})
+    info = run_teacher(job, progress=False)
+    paths = RunPaths(job.run_path)
+    syn = read_table(paths.synthetic)
+    p = {r["sha256"]: r["probs"] for r in read_table(paths.synthetic_probs("clip"))}
+    low = [r for r in syn if p[r["sha256"]][r["class_index"]] < 0.34]
+    kept = {r["sha256"] for r in read_table(paths.manifest) if r["source"] == "synthetic"}
+    assert kept == {r["sha256"] for r in syn} - {r["sha256"] for r in low}
+    dropped = info["ensemble"]["synthetic_dropped"]
+    assert dropped["dropped"] == len(low) and sum(dropped["dropped_per_class"].values()) == len(low)
+    assert 0 < len(low) < len(syn)  # the threshold splits the tiny model's near-uniform scores
