@@ -198,6 +198,13 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` atomically; a file that already holds exactly these bytes is left untouched."""
+    path = Path(path)
+    try:
+        if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+            return
+    except OSError:
+        pass
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 

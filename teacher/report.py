@@ -130,7 +130,11 @@ def _prototype_grid(job, paths: RunPaths, rows: list[dict], per_class: int = 8) 
     cells = [[r["path"] for r in rows if r["class_index"] == c and r["rank"] < per_class]
              for c in range(len(job.classes))]
     dest = paths.grid("air_prototypes")
-    img = image_grid(cells, job.class_names, title="AiR prototypes")
-    with atomic_path(dest) as tmp:
-        img.save(tmp, format="PNG")
+    import io
+
+    from distillery.rundir import write_bytes
+
+    buf = io.BytesIO()
+    image_grid(cells, job.class_names, title="AiR prototypes").save(buf, format="PNG")
+    write_bytes(dest, buf.getvalue())  # an unchanged rerun touches nothing
     return dest
