@@ -209,3 +209,31 @@ def test_eval_top1_recomputed_by_hand(make_job):
     assert known.all() and out["images"] == 30 and out["unmatched_images"] == 0  # only the 3 class folders
     assert len([x for x in ev.skipped if "not a class" in x[1]]) == 7
     assert out["columns"]["clip"]["top1"] == round(float((p.argmax(1)[known] == truth[known]).mean()), 4)
+
+
+def test_grayscale_rgba_cmyk_and_16bit_images_are_converted_like_the_runtime(make_job, tmp_path):
+    """Every such file is kept (not skipped) and CLIP sees the pixels the runtime's decoder gives (a 16-bit PNG
+    keeps its high byte instead of turning white)."""
+    from PIL import Image
+
+    from distillery.images import load_rgb
+    from distillery.runtime.preprocess import load_image
+
+    src = sorted((SAMPLE / "unlabeled").glob("*.jpg"))[0]
+    rgb = Image.open(src).convert("RGB")
+    folder = tmp_path / "modes"
+    folder.mkdir()
+    rgb.convert("L").save(folder / "gray.png")
+    rgb.convert("RGBA").save(folder / "alpha.png")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    g16 = (np.asarray(rgb.convert("L")).astype(np.uint16) * 257)
+    Image.fromarray(g16).save(folder / "g16.png")  # uint16 -> a 16-bit grayscale PNG
+    assert Image.open(folder / "g16.png").mode in ("I;16", "I")
+    job = make_job({"data.unlabeled": str(folder)})
+    images = unlabeled_set(job)
+    assert len(images) == 4 and not images.skipped
+    for p in images.paths:
+        a = np.asarray(load_rgb(p))
+        assert a.shape[2] == 3 and np.array_equal(a, np.asarray(load_image(str(p))))
+    g = np.asarray(load_rgb(folder / "g16.png"))
+    assert np.array_equal(g[..., 0], np.asarray(rgb.convert("L")))  # the high byte, not clipped to 255
