@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
 
         prepare_hub_access(_refs_for(job, args.command))
         progress = not args.no_progress
+        if not progress:  # also the Hugging Face libraries' own loading bars
+            import os
+
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         if args.command == "teacher" and args.dry_run:
             from distillery.teacher import dry_run
 

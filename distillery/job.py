@@ -255,6 +255,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise JobError(f"{key}: expected an integer, got {value!r}.")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string; it is a number all the same
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise JobError(f"{key}: expected a number, got {value!r}.") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise JobError(f"{key}: expected a number, got {value!r}.")
         return float(value)

@@ -49,6 +49,18 @@ def prepare_hub_access(refs: list[str]) -> None:
         log(f"{HUB_HOST} is unreachable: HF_HUB_OFFLINE=1 (models must be in the local cache or a local folder)")
 
 
+def quiet_loading() -> None:
+    """Silence the Hugging Face libraries' own loading bars ("Loading pipeline components", "Loading weights")
+    when progress bars are off (``--no-progress`` sets HF_HUB_DISABLE_PROGRESS_BARS=1)."""
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") != "1":
+        return
+    for mod in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            __import__(mod, fromlist=["disable_progress_bar"]).disable_progress_bar()
+        except ImportError:
+            pass
+
+
 def _fix_hint(role: str) -> str:
     return (f"Point models.{role} at a local folder holding the model (e.g. models.{role}=/path/to/folder on the "
             "command line), or cache it first on a machine with internet and copy ~/.cache/huggingface. Set "
@@ -92,6 +104,7 @@ def load_diffusion(ref: str, device: str = "cpu", half: bool = False):
     from diffusers import StableDiffusionPipeline
 
     dtype = torch.float16 if (half and device.startswith("cuda")) else torch.float32
+    quiet_loading()
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             str(local_path(ref)) if is_local(ref) else ref, dtype=dtype,
@@ -145,6 +158,7 @@ def load_captioner(ref: str, device: str = "cpu"):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = str(local_path(ref)) if is_local(ref) else ref
+    quiet_loading()
     try:
         processor = AutoProcessor.from_pretrained(path)
         model = AutoModelForImageTextToText.from_pretrained(path)

@@ -93,3 +93,15 @@ def test_apply_overrides_and_settings_hash():
     assert settings_hash({"x": 1, "y": 2}) == settings_hash({"y": 2, "x": 1})
     assert settings_hash({"x": 1}) != settings_hash({"x": 2})
     json.dumps(raw)
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """PyYAML reads 1e-4 as the string '1e-4'; a float setting takes it (and a real string is still refused)."""
+    from distillery.job import JobError, load_job
+
+    p = tmp_path / "job.yaml"
+    p.write_text("name: x\nclasses: [a, b]\ndata: {unlabeled: .}\nteacher: {lora: {lr: 1e-4}}\n")
+    job = load_job(p, ["student.lr=1e-3"])
+    assert job.teacher.lora.lr == 1e-4 and job.student.lr == 1e-3
+    with pytest.raises(JobError, match="student.lr: expected a number, got 'fast'"):
+        load_job(p, ["student.lr=fast"])
