@@ -21,7 +21,8 @@ def test_defaults_pass_check():
 
 
 @pytest.mark.parametrize("field,value,words", [
-    ("resolution", 100, "multiple of 8"), ("timestep", 1000, "[0, 1000)"), ("prompt", "a {c} seen from above", "label-free"),
+    ("resolution", 100, "multiple of 8"), ("timestep", 1000, "[0, 1000)"),
+    ("prompt", "a {c} seen from above", "label-free"),
     ("prompt", "a {domain", "placeholder"), ("temperature", 0.0, "> 0"), ("max_side", -1, ">= 0"),
     ("expert_layers", [], "stage indices"), ("templates", ["a {x}"], "placeholders"), ("epochs", 0, ">= 1"),
 ])
