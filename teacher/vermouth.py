@@ -587,9 +587,10 @@ def run_vermouth(ctx) -> TeacherResult:
                            dtype=torch.float32, device=device)
     del clip_model
 
-    torch.manual_seed(seed)
-    head = build_head([lv.channels for lv in levels], head_widths(cfg.head_width, len(levels)), text.shape[1],
-                      exp_channels, exp_level, cfg.adapter_reduction).to(device)
+    with torch.random.fork_rng(devices=[]):  # seed the head's initialisation without touching the caller's RNG
+        torch.manual_seed(seed)
+        head = build_head([lv.channels for lv in levels], head_widths(cfg.head_width, len(levels)), text.shape[1],
+                          exp_channels, exp_level, cfg.adapter_reduction).to(device)
     params = list(head.parameters())
     if featurizer is not None:
         params += [p for p in featurizer.unet.parameters() if p.requires_grad]
