@@ -24,6 +24,7 @@ from .base import (TEACHERS, TeacherContext, TeacherResult, TeacherSettings, all
 from . import clip as _clip  # noqa: F401,E402  (importing a teacher module registers it)
 from . import air as _air  # noqa: F401,E402
 from . import latte as _latte  # noqa: F401,E402
+from . import vermouth as _vermouth  # noqa: F401,E402
 
 __all__ = ["TEACHERS", "TeacherContext", "TeacherResult", "TeacherSettings", "register_teacher", "all_columns",
            "teachers_to_run", "run_teacher", "dry_run", "model_refs"]

@@ -65,7 +65,8 @@ def make_job(tmp_path, tiny_models, small_unlabeled):
             "models": {k: str(v) for k, v in tiny_models.items()},
             "teacher": {"synth": {"images_per_class": 2, "steps": 3, "resolution": 64, "output_size": 32,
                                   "batch_size": 4},
-                        "lora": {"steps": 2, "batch_size": 2}},
+                        "lora": {"steps": 2, "batch_size": 2},
+                        "vermouth": {"resolution": 64, "head_width": 16, "epochs": 1, "batch_size": 8}},
             "student": {"model": "mobilenetv3_small_050", "input_size": 32, "epochs": 1, "batch_size": 8},
         }
         for k, v in (overrides or {}).items():

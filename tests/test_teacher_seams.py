@@ -51,8 +51,9 @@ def toy_teacher():
 def test_a_registered_teacher_gets_its_columns_without_touching_other_files(make_job, toy_teacher):
     from tests.conftest import SAMPLE as S
 
-    job = make_job({"teacher.synth.enabled": False, "teacher.air.enabled": False, "data.eval": str(S / "eval"),
-                    "teacher.ensemble.weights": {"clip": 1.0, "toy": 1.0}, "teacher.toy.sharpness": 3.0})
+    job = make_job({"teacher.synth.enabled": False, "teacher.air.enabled": False, "teacher.vermouth.enabled": False,
+                    "data.eval": str(S / "eval"), "teacher.ensemble.weights": {"clip": 1.0, "toy": 1.0},
+                    "teacher.toy.sharpness": 3.0})
     assert teachers_to_run(job) == ["clip", "toy"]
     run_teacher(job, progress=False)
     paths = RunPaths(job.run_path)
@@ -70,15 +71,16 @@ def test_a_registered_teacher_gets_its_columns_without_touching_other_files(make
     # a rerun computes nothing; a changed setting reruns the toy only
     run_teacher(job, progress=False)
     assert len(toy_teacher) == 1
-    run_teacher(make_job({"teacher.synth.enabled": False, "teacher.air.enabled": False, "data.eval": str(S / "eval"),
+    run_teacher(make_job({"teacher.synth.enabled": False, "teacher.air.enabled": False,
+                          "teacher.vermouth.enabled": False, "data.eval": str(S / "eval"),
                           "teacher.ensemble.weights": {"clip": 1.0, "toy": 1.0}, "teacher.toy.sharpness": 2.0}),
                 progress=False)
     assert len(toy_teacher) == 2
 
 
 def test_needs_order_and_run_even_when_the_needed_teacher_is_disabled(make_job, toy_teacher, capfd):
-    job = make_job({"teacher.synth.enabled": False, "teacher.air.enabled": False, "teacher.clip.enabled": False,
-                    "teacher.ensemble.weights": {"clip": 0.0, "toy": 1.0}})
+    job = make_job({"teacher.synth.enabled": False, "teacher.air.enabled": False, "teacher.vermouth.enabled": False,
+                    "teacher.clip.enabled": False, "teacher.ensemble.weights": {"clip": 0.0, "toy": 1.0}})
     assert teachers_to_run(job) == ["clip", "toy"]  # clip runs first, because toy needs it
     run_teacher(job, progress=False)
     assert "clip: runs because toy needs it" in capfd.readouterr().err
@@ -117,7 +119,7 @@ def test_unlabeled_set_skips_counts_and_lists_unreadable_files(make_job, small_u
     good = sorted(small_unlabeled.glob("*.jpg"))[0].read_bytes()
     (small_unlabeled / "cut.jpg").write_bytes(good[: len(good) // 2])
     (small_unlabeled / "dangling.png").symlink_to(small_unlabeled / "missing.png")
-    job = make_job({"teacher.synth.enabled": False, "teacher.air.enabled": False})
+    job = make_job({"teacher.synth.enabled": False, "teacher.air.enabled": False, "teacher.vermouth.enabled": False})
     images = unlabeled_set(job)
     assert len(images) == 20 and len(images.skipped) == 4
     assert {p.rsplit("/", 1)[1] for p, _ in images.skipped} == {"zero.jpg", "text.JPG", "cut.jpg", "dangling.png"}
