@@ -10,13 +10,14 @@ STAMP := $(VENV)/.distillery-installed
 TINY := models/tiny/.built
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help install tiny-models teacher student export test bench clean clean-runs
+.PHONY: help install tiny-models standin-models teacher student export test bench clean clean-runs
 
 help:
 	@echo "make teacher student export   run the job JOB=$(JOB) end to end (ARGS='key=value ...' overrides)"
 	@echo "make test                     run the test suite"
 	@echo "make bench                    speed/quality figures (BENCH='synth runtime' for some)"
 	@echo "make tiny-models              build the tiny offline models into models/tiny"
+	@echo "make standin-models           train the stand-in world into models/standin (reads labeled_pool)"
 	@echo "make install                  create $(VENV) and install distillery[dev]"
 	@echo "make clean-runs               delete runs/"
 
@@ -35,6 +36,11 @@ $(TINY): $(STAMP) distillery/tiny.py $(wildcard distillery/tiny_configs/*.json)
 	touch $@
 
 tiny-models: $(TINY)
+
+# The stand-in world (distillery/standin.py): trained here from labeled_pool, ~15 min on 2 CPU cores; cached by
+# content hash, so a second run prints "up to date".
+standin-models: $(STAMP)
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/distillery standin --out models/standin $(ARGS)
 
 # The tiny models are only needed by jobs that point at models/tiny; building them is cheap and offline.
 teacher: $(STAMP) $(if $(findstring tiny,$(JOB)),$(TINY))

@@ -5,6 +5,7 @@
     distillery export  --job examples/eurosat-tiny.yaml
     distillery run runs/eurosat-tiny/export image.jpg            # classify images (runtime only, no torch)
     distillery tiny-models --out models/tiny                       # build the offline demo models
+    distillery standin --out models/standin                        # stand-in models (reads LABELED images)
 
 Heavy libraries are imported inside the commands, so ``distillery run`` stays torch-free.
 """
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "transformers, open_clip, timm classes) into a local folder, once.")
     t.add_argument("--out", default="models/tiny", help="output folder (default models/tiny)")
     t.add_argument("--force", action="store_true", help="rebuild even if present")
+    from .standin import add_arguments as add_standin_arguments
+
+    add_standin_arguments(sub)
     return parser
 
 
@@ -104,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             for role, path in build_tiny_models(args.out, force=args.force).items():
                 print(f"{role}\t{path}")
             return 0
+        if args.command == "standin":
+            from .standin import run_cli
+
+            return run_cli(args)
         job = _load(args)
         from .models import prepare_hub_access
 
