@@ -40,6 +40,7 @@ Settings (environment variables):
 | DISTILLERY_BENCH_SELFTRAIN_EPOCHS | control (b) epochs | 2 |
 | DISTILLERY_BENCH_THREADS | torch threads | 1 |
 | DISTILLERY_BENCH_OUT | run folder (its stages skip themselves when unchanged) | runs/bench/teacher |
+| DISTILLERY_BENCH_SMOKE | 1 = test-size stand-ins in runs/bench/standin-smoke, 1 student epoch: plumbing only, figures meaningless | 0 |
 """
 from __future__ import annotations
 
@@ -50,12 +51,20 @@ from pathlib import Path
 from ._eurosat import EXTENSIONS, REPO, env, labeled_items, staged_root
 
 JOB = REPO / "examples" / "eurosat-standin.yaml"
+# DISTILLERY_BENCH_SMOKE=1: stand-ins at test size (a few images per class, one epoch, a 1-layer ViT).
+SMOKE_STANDIN = dict(pretrain_per_class=10, generator_per_class=5, clip_epochs=1, clip_batch=50, expert_epochs=1,
+                     expert_batch=50,
+                     clip_config={"model_cfg": {"embed_dim": 16,
+                                                "vision_cfg": {"width": 32, "layers": 1, "head_width": 16},
+                                                "text_cfg": {"width": 32, "layers": 1, "heads": 2}}},
+                     expert_config={"model_args": {"channels": [8, 16, 32, 64]}})
 # The papers' EuroSAT figures (SPEC §3-5): (zero-shot CLIP, method), top-1 %.
 PAPER = {
     "air": ("AiR", 42.0, 55.7),
     "latte": ("LaTTe-CLIP", 42.95, 80.27),
     "vermouth": ("Vermouth", None, 88.93),  # 16-shot; no zero-shot gain published
 }
+PAPER["latteclip"] = PAPER["latte_clip"] = PAPER["latte"]
 
 
 def synthetic_rows(standin: Path) -> list[dict]:
@@ -163,7 +172,7 @@ def self_training(clip_dir: Path, names: list[str], templates: list[str], unlabe
         pred = head(torch.from_numpy(ft)).argmax(1).numpy()
         zs = (ft @ w0.T).argmax(1)
     return {"top1": float(np.mean(pred == truth)), "zero_shot_top1": float(np.mean(zs == truth)),
-            "pseudo_labeled": int(len(keep)), "pseudo_label_accuracy": None, "epochs": epochs,
+            "pseudo_labeled": int(len(keep)), "epochs": epochs,
             "what": "linear head on frozen stand-in CLIP image features, initialised at the zero-shot weights, "
                     "cross-entropy on the most confident half of each predicted class of train_unlabeled"}
 
@@ -199,13 +208,15 @@ def main() -> dict:
     threads = env("THREADS", 1, int)
     torch.set_num_threads(threads)
     root = staged_root()
-    standin = Path(env("STANDIN", str(REPO / "models" / "standin"))).resolve()
-    out = Path(env("OUT", "runs/bench/teacher")).resolve()
+    smoke = bool(env("SMOKE", 0, int))
+    standin = Path(env("STANDIN", "runs/bench/standin-smoke" if smoke else str(REPO / "models" / "standin"))).resolve()
+    out = Path(env("OUT", "runs/bench/teacher-smoke" if smoke else "runs/bench/teacher")).resolve()
+    settings = StandinSettings(threads=threads, **(SMOKE_STANDIN if smoke else {}))
     t_start = time.perf_counter()
     times: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    info = build_standin(standin, root, StandinSettings(threads=threads))
+    info = build_standin(standin, root, settings)
     times["standin (build or reuse)"] = time.perf_counter() - t0
     cal = info["calibration"]
     print(f"teacher bench: stand-ins {standin} (calibration on held-out labeled_pool: real {cal['real_top1']:.1%}, "
@@ -213,10 +224,14 @@ def main() -> dict:
 
     teachers = [t for t in env("TEACHERS", ",".join(_registered_teachers())).split(",") if t]
     weights = "{" + ", ".join(f"{t}: 1.0" for t in teachers) + "}"
-    overrides = [f"run_dir={out}", f"teacher.ensemble.weights={weights}",
+    overrides = [f"run_dir={out}", f"teacher.ensemble.weights={weights}", f"models.clip={standin / 'clip'}",
+                 f"models.expert={standin / 'expert'}",
                  f"export.int8_qat_epochs={env('QAT_EPOCHS', 2, int)}"]
-    if env("STUDENT_EPOCHS", 0, int):
-        overrides.append(f"student.epochs={env('STUDENT_EPOCHS', 0, int)}")
+    epochs = env("STUDENT_EPOCHS", 1 if smoke else 0, int)
+    if epochs:
+        overrides.append(f"student.epochs={epochs}")
+    if smoke:
+        overrides.append("export.int8_qat_epochs=0")
     job = load_job(JOB, overrides)
     paths = RunPaths(job.run_path)
     write_table(paths.synthetic, synthetic_rows(standin))
@@ -283,5 +298,7 @@ def main() -> dict:
     print(f"distilled student ({job.student.model}, {job.student.epochs} epochs) top-1 on test {st}; export {ex}{ratio}")
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     res["wall_s"] = time.perf_counter() - t_start
+    if smoke:
+        print("SMOKE RUN: test-size stand-ins, 1 student epoch; the figures are meaningless")
     print(f"teacher bench wall time {res['wall_s']:.0f}s (stand-in figures: whether a method works, not the papers' numbers)")
     return res
