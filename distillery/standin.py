@@ -164,12 +164,13 @@ def split_pool(labeled_pool: Path, s: StandinSettings) -> list[dict]:
 
 
 def build_key(items: list[dict], s: StandinSettings) -> str:
-    """Hash of the configs, settings, S's parameters, the code version and every input image's content."""
+    """Hash of the configs, settings (not the thread count), S's parameters, the code version (``VERSION``) and
+    every input image's content."""
     h = hashlib.sha256()
-    payload = {"version": VERSION, "settings": asdict(s), "shift": asdict(SHIFT), "classes": CLASSES,
+    settings = {k: v for k, v in asdict(s).items() if k != "threads"}
+    payload = {"version": VERSION, "settings": settings, "shift": asdict(SHIFT), "classes": CLASSES,
                "captions": CAPTION_TEMPLATES, "zero_shot": ZERO_SHOT_TEMPLATES,
-               "clip": _config("clip", s.clip_config), "expert": _config("expert", s.expert_config),
-               "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}
+               "clip": _config("clip", s.clip_config), "expert": _config("expert", s.expert_config)}
     h.update(json.dumps(payload, sort_keys=True, default=str).encode())
     for it in items:
         h.update(f"{it['folder']}/{it['path'].name}:{it['part']}:{sha256_file(it['path'])}\n".encode())
