@@ -45,6 +45,7 @@ Settings (environment variables):
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -232,6 +233,13 @@ def main() -> dict:
         overrides.append(f"student.epochs={epochs}")
     if smoke:
         overrides.append("export.int8_qat_epochs=0")
+    # The stages know the models by reference, not content: a run made with other stand-ins starts over.
+    marker = out / "standin.key"
+    if out.exists() and (not marker.is_file() or marker.read_text() != info["key"]):
+        print(f"  stand-ins changed since the last run: removing {out}", flush=True)
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(info["key"])
     job = load_job(JOB, overrides)
     paths = RunPaths(job.run_path)
     write_table(paths.synthetic, synthetic_rows(standin))
