@@ -14,10 +14,10 @@ What it does, in one run:
 1. Builds the stand-ins (or finds them up to date) in ``models/standin``.
 2. Writes the run's ``teacher/synthetic.parquet`` from ``models/standin/generator.parquet``: trick
    ``standin``, label = class, a ``provenance`` column saying these are S(labeled_pool) images standing
-   in for a generator. The job (examples/eurosat-standin.yaml) has synthesis off; only this bench
-   provides the table, the product's synthesis stage is unchanged.
+   in for a generator. The job (examples/eurosat-standin.yaml) has ``teacher.synth.source: table``; only this
+   bench provides the table, the product's synthesis stage is unchanged.
 3. Runs the product's own ``distillery teacher``, ``student``, ``export`` stages on that job (every
-   registered teacher column gets ensemble weight 1), timing each.
+   registered teacher enabled; ensemble weights learned without labels, the job's default), timing each.
 4. Prints per teacher column its top-1 on ``test/`` from ``teacher/eval.json`` (written by the teacher
    stage when ``data.eval`` is set; this bench does not compute it another way), its gain over the
    stand-in zero-shot (the ``clip`` column) and the paper's EuroSAT figure beside it; the distilled
@@ -77,7 +77,7 @@ def synthetic_rows(standin: Path) -> list[dict]:
     for r in read_table(standin / "generator.parquet", "stand-in generator table"):
         i = index.get(r["class_index"], 0)
         index[r["class_index"]] = i + 1
-        rows.append({"class_index": int(r["class_index"]), "class_name": r["class_name"], "trick": "standin",
+        rows.append({"class_index": int(r["class_index"]), "class_name": r["class_name"], "trick": "base",
                      "index": i, "prompt": f"an image of a {r['class_name']}", "negative_prompt": "",
                      "guidance": None, "steps": None, "seed": None,
                      "relpath": None, "path": str((standin / r["path"]).resolve()), "sha256": r["sha256"],
@@ -87,10 +87,9 @@ def synthetic_rows(standin: Path) -> list[dict]:
 
 
 def _registered_teachers() -> list[str]:
-    import distillery.teacher as t
+    from distillery.teacher import TEACHERS
 
-    t._register_builtin()
-    return list(t.TEACHERS)
+    return list(TEACHERS)
 
 
 def _stage(argv: list[str]) -> float:
@@ -224,8 +223,7 @@ def main() -> dict:
           f"S {cal['shifted_top1']:.1%})", flush=True)
 
     teachers = [t for t in env("TEACHERS", ",".join(_registered_teachers())).split(",") if t]
-    weights = "{" + ", ".join(f"{t}: 1.0" for t in teachers) + "}"
-    overrides = [f"run_dir={out}", f"teacher.ensemble.weights={weights}", f"models.clip={standin / 'clip'}",
+    overrides = [f"run_dir={out}", *[f"teacher.{t}.enabled=true" for t in teachers], f"models.clip={standin / 'clip'}",
                  f"models.expert={standin / 'expert'}",
                  f"export.int8_qat_epochs={env('QAT_EPOCHS', 2, int)}"]
     epochs = env("STUDENT_EPOCHS", 1 if smoke else 0, int)
@@ -243,7 +241,7 @@ def main() -> dict:
     job = load_job(JOB, overrides)
     paths = RunPaths(job.run_path)
     write_table(paths.synthetic, synthetic_rows(standin))
-    print(f"  wrote {paths.synthetic} (S(labeled_pool) generator images, trick standin); teachers {teachers}",
+    print(f"  wrote {paths.synthetic} (S(labeled_pool) images standing in for generated ones, trick base, model standin); teachers {teachers}",
           flush=True)
 
     args = ["--job", str(JOB), "--no-progress", *overrides]
