@@ -148,7 +148,8 @@ def describe(model, processor, images: Sequence[Image.Image], prompt: str, max_n
             inputs = {k: (v.to(device, dtype) if torch.is_floating_point(v) else v.to(device))
                       if torch.is_tensor(v) else v for k, v in inputs.items()}
             with torch.inference_mode():
-                ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+                ids = model.generate(**inputs, max_new_tokens=generation_limit(model, inputs, max_new_tokens),
+                                     do_sample=False, num_beams=1)
             prompt_ids = inputs.get("input_ids")
             if prompt_ids is not None and ids.shape[1] >= prompt_ids.shape[1] and \
                     torch.equal(ids[:, :prompt_ids.shape[1]].cpu(), prompt_ids.cpu()):
@@ -164,6 +165,18 @@ def describe(model, processor, images: Sequence[Image.Image], prompt: str, max_n
         if chat and tok is not None and old_side is not None:
             tok.padding_side = old_side
     return out
+
+
+def generation_limit(model, inputs: dict, max_new_tokens: int) -> int:
+    """``max_new_tokens``, capped so prompt + answer fit the text model's position table (a small captioner,
+    e.g. BLIP with 64 positions, would otherwise index past it)."""
+    cfg = getattr(model.config, "text_config", None) or model.config
+    max_pos = getattr(cfg, "max_position_embeddings", None)
+    ids = inputs.get("input_ids")
+    used = int(ids.shape[1]) if ids is not None else 1  # BLIP starts from one BOS token
+    if not max_pos:
+        return max_new_tokens
+    return max(1, min(max_new_tokens, int(max_pos) - used))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -550,3 +550,17 @@ def test_latte_stage_writes_its_column_and_reuses_descriptions(make_job):
     job2 = make_job({**over, "teacher.latte.mu": 0.5})
     run_teacher(job2, progress=False)
     assert read_json(paths.teacher / ".teacher-latte.stamp.json")["descriptions"]["generated"] == 0
+
+
+def test_generation_is_capped_by_the_captioners_positions(tiny_models):
+    """The tiny BLIP has 64 text positions: 77 new tokens (the paper's limit) must not index past them."""
+    from PIL import Image
+
+    from distillery.models import load_captioner
+    from distillery.teacher.describe import describe, generation_limit
+
+    model, processor = load_captioner(str(tiny_models["captioner"]))
+    assert generation_limit(model, {}, 77) == 63 and generation_limit(model, {}, 10) == 10
+    out = describe(model, processor, [Image.new("RGB", (64, 64), (90, 120, 60))], "x", max_new_tokens=77,
+                   progress=False)
+    assert len(out) == 1 and isinstance(out[0], str)
