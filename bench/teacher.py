@@ -34,7 +34,7 @@ Settings (environment variables):
 |---|---|---|
 | DISTILLERY_EUROSAT | the staged EuroSAT folder (labeled_pool/, train_unlabeled/, test/) | ../shared/data/eurosat |
 | DISTILLERY_BENCH_STANDIN | stand-in folder | models/standin |
-| DISTILLERY_BENCH_TEACHERS | teachers to enable (comma list) | every registered one but latte |
+| DISTILLERY_BENCH_TEACHERS | teachers to enable (comma list) | every registered one |
 | DISTILLERY_BENCH_STUDENT_EPOCHS | student epochs | the job's (12) |
 | DISTILLERY_BENCH_QAT_EPOCHS | export.int8_qat_epochs | 2 |
 | DISTILLERY_BENCH_SELFTRAIN_EPOCHS | control (b) epochs | 2 |
@@ -222,9 +222,7 @@ def main() -> dict:
     print(f"teacher bench: stand-ins {standin} (calibration on held-out labeled_pool: real {cal['real_top1']:.1%}, "
           f"S {cal['shifted_top1']:.1%})", flush=True)
 
-    # LaTTe is left out by default: with the tiny captioner its describe step fails here (IndexError in the
-    # captioner's embedding, teacher/describe.py); DISTILLERY_BENCH_TEACHERS=clip,air,latte,vermouth includes it.
-    default = [t for t in _registered_teachers() if t != "latte"]
+    default = _registered_teachers()
     teachers = [t for t in env("TEACHERS", ",".join(default)).split(",") if t]
     overrides = [f"run_dir={out}", *[f"teacher.{t}.enabled=true" for t in teachers], f"models.clip={standin / 'clip'}",
                  f"models.expert={standin / 'expert'}",

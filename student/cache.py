@@ -39,11 +39,8 @@ def cache_folder(root: str | Path, size: int, interpolation: str) -> Path:
 
 
 def _resample(interpolation: str):
-    from PIL import Image
+    from distillery.runtime.preprocess import INTERPOLATIONS as table  # the runtime's names and filters
 
-    table = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-             "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
-             "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
     if interpolation not in table:
         raise ValueError(f"decode cache: unknown interpolation {interpolation!r}; use one of {sorted(table)}.")
     return table[interpolation]

@@ -68,7 +68,7 @@ class AirCfg:
 
     def check(self, key: str = "teacher.air") -> None:
         """Raise ``ValueError`` naming ``key.<field>``, the value and the fix, for the first bad setting."""
-        from .synth import ALL_TRICKS
+        from .synth import TRICK_NAMES
 
         for name in ("enabled", "prompt_learning"):
             v = getattr(self, name)
@@ -78,7 +78,7 @@ class AirCfg:
         if not isinstance(tricks, (list, tuple)) or not tricks:
             raise ValueError(f"{key}.prototype_tricks: expected a non-empty list of trick names, got {tricks!r}; "
                              f"e.g. [base].")
-        valid = ALL_TRICKS + ("all",)
+        valid = TRICK_NAMES
         for t in tricks:
             if t not in valid:
                 raise ValueError(f"{key}.prototype_tricks: unknown trick {t!r}; choose from {', '.join(valid)}.")
