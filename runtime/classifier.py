@@ -151,6 +151,11 @@ class BaseClassifier:
     def input_size(self) -> list[int]:
         return list(self.contract["input_size"])  # [3, H, W]
 
+    def pixels(self, image: ImageInput):
+        """One image -> the ``H x W`` RGB PIL image the network sees (decoded, resized, cropped; before
+        normalisation), following this model's contract."""
+        return self._pre.image(image)
+
     def preprocess(self, image: ImageInput) -> np.ndarray:
         """One image -> (3, H, W) float32, following this model's contract."""
         return self._pre(image)
