@@ -231,6 +231,8 @@ class Classifier(BaseClassifier):
     the requested accelerators it silently dropped (a RuntimeWarning says so at load time).
     """
 
+    engine_cache: dict[str, Any] | None = None  # set by load_tensorrt: what the TensorRT engine cache did
+
     def __init__(self, session: ort.InferenceSession, metadata: dict[str, Any], path: str = "model",
                  requested_providers: Sequence[Any] | None = None, fast_decode: bool = True):
         super().__init__(metadata, path, fast_decode)
@@ -289,6 +291,15 @@ class Classifier(BaseClassifier):
                 raise RuntimeError(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
         return clf
+
+    @classmethod
+    def load_tensorrt(cls, path: str | os.PathLike, **kwargs) -> "Classifier":
+        """Open an ``.onnx`` file (or export folder) on onnxruntime's TensorRT provider, building the engine on
+        this device on first load and reusing it after (a keyed cache; see :mod:`distillery.runtime.engine_cache`,
+        whose ``load_tensorrt`` takes the keyword arguments). Without TensorRT: one warning, default providers."""
+        from .engine_cache import load_tensorrt
+
+        return load_tensorrt(path, **kwargs)
 
     def predict_logits(self, batch: np.ndarray) -> np.ndarray:
         """Run the network on an already preprocessed ``(B, 3, H, W)`` batch; returns ``(B, K)`` float32 logits.
