@@ -185,3 +185,14 @@ def test_runtime_wheel_installs_alone_and_passes_the_smoke_test(bundle, tmp_path
     size = _dir_size(site)
     print(f"\nruntime venv: site-packages {size / 1e6:.0f} MB, venv + install {t_install:.1f} s")
     assert size < 400e6
+
+
+def test_smoke_test_tensorrt_flag_without_tensorrt_says_so_and_still_checks(bundle):
+    import onnxruntime as ort
+
+    if "TensorrtExecutionProvider" in ort.get_available_providers():
+        pytest.skip("TensorRT is available here; the skip line is not printed")
+    out, _, _ = bundle
+    res = _run([sys.executable, str(out / "smoke_test.py"), "--tensorrt", "fp16"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "TensorRT engine skipped" in res.stdout + res.stderr and "smoke test passed" in res.stdout

@@ -76,6 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="model file (default: the bundle's deployed model)")
     p.add_argument("--topk", type=int, default=1)
     p.add_argument("--providers", default=None, metavar="P1,P2", help="onnxruntime execution providers in order")
+    p.add_argument("--tensorrt", choices=["fp32", "fp16"], default=None,
+                   help="run through a TensorRT engine built and cached on this device (onnxruntime's TensorRT provider)")
     args = p.parse_args(argv)
     if bool(args.sources) + (args.video is not None) + (args.camera is not None) != 1:
         p.error("give image files/folders, or --video FILE, or --camera N (one of them)")
@@ -85,7 +87,10 @@ def main(argv=None) -> int:
     from distillery.runtime import Classifier
 
     providers = [s.strip() for s in args.providers.split(",") if s.strip()] if args.providers else None
-    clf = Classifier.load(args.model or default_model(), providers=providers)
+    if args.tensorrt:
+        clf = Classifier.load_tensorrt(args.model or default_model(), precision=args.tensorrt)
+    else:
+        clf = Classifier.load(args.model or default_model(), providers=providers)
     print(f"app: {clf.path} on {', '.join(clf.providers_in_use)}", file=sys.stderr)
     t0, n = time.perf_counter(), 0
     try:

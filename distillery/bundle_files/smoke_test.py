@@ -4,6 +4,7 @@
     python smoke_test.py                      # the bundle's model, default providers (CUDA/TensorRT where present)
     python smoke_test.py --providers CPUExecutionProvider
     python smoke_test.py --model other.onnx   # check another copy of the model against the same golden file
+    python smoke_test.py --tensorrt fp16      # through a TensorRT engine built (and cached) on this device
 
 Needs only the runtime (numpy, Pillow, onnxruntime + the bundled distillery_runtime wheel). For every
 bundled image it runs the runtime's full path (decode, resize, crop, normalise, network, softmax) and
@@ -19,6 +20,7 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -37,6 +39,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="model file to check (default: the bundle's deployed model)")
     p.add_argument("--providers", default=None, metavar="P1,P2",
                    help="onnxruntime execution providers in order (default: the runtime's: CUDA if present, CPU)")
+    p.add_argument("--tensorrt", choices=["fp32", "fp16"], default=None,
+                   help="run through onnxruntime's TensorRT provider, building/reusing an engine of this precision "
+                        "on this device (Classifier.load_tensorrt); fp16 allows |Δp| up to 0.02")
     p.add_argument("--tolerance", type=float, default=None,
                    help="max |Δprobability| per class (default: golden.json's)")
     args = p.parse_args(argv)
@@ -59,9 +64,20 @@ def main(argv=None) -> int:
         return 2
     model = args.model or os.path.join(args.bundle, golden["model"])
     tol = float(golden["tolerance"]["probability"] if args.tolerance is None else args.tolerance)
+    if args.tensorrt == "fp16" and args.tolerance is None:
+        tol = max(tol, 0.02)
     providers = [s.strip() for s in args.providers.split(",") if s.strip()] if args.providers else None
     try:
-        clf = Classifier.load(model, providers=providers)
+        with warnings.catch_warnings(record=True) as caught:  # one line each (provider fallback, TensorRT skip)
+            warnings.simplefilter("always", RuntimeWarning)
+            if args.tensorrt:
+                clf = Classifier.load_tensorrt(model, precision=args.tensorrt)
+            else:
+                clf = Classifier.load(model, providers=providers)
+        for w in caught:
+            print(f"smoke test: warning: {w.message}")
+        if args.tensorrt and clf.engine_cache["status"] != "skipped":
+            print(f"smoke test: TensorRT engine {clf.engine_cache['status']}: {clf.engine_cache['why']}")
     except Exception as e:
         print(f"smoke test: cannot load {model}: {e}", file=sys.stderr)
         return 2
