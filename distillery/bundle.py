@@ -4,6 +4,7 @@
 runs/<job>/bundle/
   model/<deployed file>             the format export/report.json deploys (runtime/classifier.py deployed_model)
   model/report.json                 the export report (parity per format, the deploy choice)
+  model/model.pre.onnx              with export.preprocess_in_graph: the model taking a decoded uint8 image
   wheels/distillery_runtime-<v>-py3-none-any.whl   the runtime alone (numpy, Pillow, onnxruntime; never torch)
   requirements-x86.txt              numpy, Pillow, onnxruntime (or onnxruntime-gpu) for an x86 machine
   requirements-jetpack.txt          onnxruntime-gpu from NVIDIA's Jetson wheels; TensorRT comes with JetPack
@@ -220,6 +221,9 @@ def make_bundle(job, *, n_images: int = GOLDEN_IMAGES, progress: bool = True) ->
     shutil.copyfile(paths.export_report, tmp / "model" / "report.json")
     if model_src.suffix == ".engine":  # an engine's metadata lives in its sidecar
         shutil.copyfile(str(model_src) + ".json", tmp / "model" / (model_src.name + ".json"))
+    pre = paths.export / "model.pre.onnx"  # export.preprocess_in_graph: the same network taking decoded images
+    if pre.is_file() and (report.get("preprocess_in_graph") or {}).get("file"):
+        shutil.copyfile(pre, tmp / "model" / pre.name)
     wheel = build_runtime_wheel(tmp / "wheels")
 
     from distillery.runtime import Classifier
