@@ -165,7 +165,8 @@ def _requirements_x86(versions: dict[str, str]) -> str:
     return f"""\
 # distillery runtime on an x86-64 machine (Linux, Windows, macOS): pip install -r requirements-x86.txt
 # then:  pip install wheels/distillery_runtime-*-py3-none-any.whl
-# Golden predictions were made with numpy {versions['numpy']}, Pillow {versions['Pillow']}, onnxruntime {versions['onnxruntime']}.
+# Golden predictions were made with numpy {versions['numpy']}, Pillow {versions['Pillow']},
+# onnxruntime {versions['onnxruntime']}.
 # For an NVIDIA GPU replace onnxruntime by onnxruntime-gpu (same module; never install both).
 {deps}
 """
@@ -180,7 +181,8 @@ def _requirements_jetpack(versions: dict[str, str]) -> str:
 # "Jetson Zoo" page), or download the .whl and name its path instead of the line below.
 #   pip install -r requirements-jetpack.txt
 #   pip install --no-deps wheels/distillery_runtime-*-py3-none-any.whl   # --no-deps: keep onnxruntime-gpu
-# Golden predictions were made with numpy {versions['numpy']}, Pillow {versions['Pillow']}, onnxruntime {versions['onnxruntime']} (x86 CPU).
+# Golden predictions were made with numpy {versions['numpy']}, Pillow {versions['Pillow']},
+# onnxruntime {versions['onnxruntime']} (x86 CPU).
 --extra-index-url https://pypi.jetson-ai-lab.io/jp6/cu126
 onnxruntime-gpu>=1.17
 # NVIDIA's Jetson onnxruntime-gpu wheels are built against numpy 1.x
@@ -204,7 +206,6 @@ def make_bundle(job, *, n_images: int = GOLDEN_IMAGES, progress: bool = True) ->
     export is missing.
     """
     from distillery.runtime.classifier import deployed_model
-    from PIL import Image
 
     paths = RunPaths(job.run_path)
     if not paths.export_report.is_file():
@@ -256,7 +257,8 @@ def make_bundle(job, *, n_images: int = GOLDEN_IMAGES, progress: bool = True) ->
         "preprocess": clf.contract,
         "tolerance": {"probability": DEFAULT_TOLERANCE.get(fmt, 0.02), "top1": "exact"},
         "made_with": versions,
-        "images": [{"file": f, "crop": c, "source": Path(s).name, **p} for f, c, s, p in zip(copied, crops, chosen, preds)],
+        "images": [{"file": f, "crop": c, "source": Path(s).name, **p}
+                   for f, c, s, p in zip(copied, crops, chosen, preds)],
     }
     write_json(tmp / "golden.json", golden)
     (tmp / "requirements-x86.txt").write_text(_requirements_x86(versions))

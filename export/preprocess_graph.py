@@ -89,12 +89,13 @@ def _preprocessing_nodes(contract: dict[str, Any], out_name: str):
     x = node("Resize", [x, empty, empty, size_h], ["pre_rh_f"], **attrs)
     x = node("Clip", [node("Round", [x], ["pre_rh_r"]), lo, hi], ["pre_rh_u8"])
     # centre crop
-    top = node("Cast", [node("Round", [node("Div", [node("Cast", [node("Sub", [new_h, const("pre_th", [th])], ["pre_dh"])],
-                                                         ["pre_dhf"], to=TensorProto.FLOAT), const("pre_2", 2.0, np.float32)],
-                                            ["pre_dh2"])], ["pre_top_f"])], ["pre_top"], to=TensorProto.INT64)
-    left = node("Cast", [node("Round", [node("Div", [node("Cast", [node("Sub", [new_w, const("pre_tw", [tw])], ["pre_dw"])],
-                                                          ["pre_dwf"], to=TensorProto.FLOAT), "pre_2"], ["pre_dw2"])],
-                              ["pre_left_f"])], ["pre_left"], to=TensorProto.INT64)
+    def centre_offset(new, crop, tag):  # round((new - crop) / 2), half to even like Python's round()
+        diff = node("Cast", [node("Sub", [new, const(f"pre_{tag}_crop", [crop])], [f"pre_{tag}_d"])],
+                    [f"pre_{tag}_df"], to=TensorProto.FLOAT)
+        half = node("Div", [diff, const(f"pre_{tag}_2", 2.0, np.float32)], [f"pre_{tag}_half"])
+        return node("Cast", [node("Round", [half], [f"pre_{tag}_r"])], [f"pre_{tag}_off"], to=TensorProto.INT64)
+
+    top, left = centre_offset(new_h, th, "top"), centre_offset(new_w, tw, "left")
     starts = node("Concat", [top, left], ["pre_starts"], axis=0)
     ends = node("Add", [starts, const("pre_crop", [th, tw])], ["pre_ends"])
     x = node("Slice", [x, starts, ends, const("pre_axes", [2, 3])], ["pre_crop_px"])

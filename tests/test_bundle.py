@@ -38,8 +38,8 @@ def bundle(tmp_path_factory):
                                          deploy_timing_s=0.0)
     export_onnx(job, progress=False)
     job_file = tmp / "job.yaml"
-    job_file.write_text(yaml.safe_dump({"name": job.name, "classes": CLASSES, "data": {"unlabeled": str(tmp / "images")},
-                                        "run_dir": str(paths.root)}))
+    job_file.write_text(yaml.safe_dump({"name": job.name, "classes": CLASSES,
+                                        "data": {"unlabeled": str(tmp / "images")}, "run_dir": str(paths.root)}))
     assert cli_main(["bundle", "--job", str(job_file), "--images", "6", "--no-progress"]) == 0
     return paths.root / "bundle", paths, images
 
@@ -173,8 +173,9 @@ def test_runtime_wheel_installs_alone_and_passes_the_smoke_test(bundle, tmp_path
     if res.returncode != 0:
         pytest.skip(f"pip could not install numpy/Pillow/onnxruntime from the registry here: {res.stderr[-400:]}")
     t_install = time.perf_counter() - t0
-    res = _run([str(py), "-c", "import importlib.util as u; print(u.find_spec('torch'), u.find_spec('distillery.runtime')"
-                ".origin)"], env=env, cwd=tmp_path)  # not the repository, whose distillery/ would shadow the wheel
+    probe = "import importlib.util as u; print(u.find_spec('torch'), u.find_spec('distillery.runtime').origin)"
+    # cwd: not the repository, whose distillery/ folder would shadow the installed wheel
+    res = _run([str(py), "-c", probe], env=env, cwd=tmp_path)
     assert res.returncode == 0 and res.stdout.startswith("None ") and str(venv) in res.stdout, res.stdout + res.stderr
     res = _run([str(py), str(out / "smoke_test.py")], env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -40,9 +40,12 @@ def _images():
     return tiles + [mosaic, mosaic.crop((0, 0, 61, 190)), mosaic.crop((0, 0, 250, 47))]
 
 
+CONTRACTS = [([3, 64, 64], 0.875, "center"), ([3, 32, 32], 0.95, "center"), ([3, 40, 56], 0.9, "center"),
+             ([3, 40, 56], 1.0, "squash")]
+
+
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
-@pytest.mark.parametrize("input_size,crop_pct,crop_mode", [([3, 64, 64], 0.875, "center"), ([3, 32, 32], 0.95, "center"),
-                                                           ([3, 40, 56], 0.9, "center"), ([3, 40, 56], 1.0, "squash")])
+@pytest.mark.parametrize("input_size,crop_pct,crop_mode", CONTRACTS)
 def test_cpp_preprocessing_equals_the_python_runtime(cpp_build, tmp_path, interpolation, input_size, crop_pct,
                                                      crop_mode):
     contract = contract_from_data_config({"input_size": input_size, "interpolation": interpolation,

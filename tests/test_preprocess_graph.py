@@ -21,9 +21,12 @@ from .test_cpp_example import _images  # noqa: E402
 from .test_runtime import make_linear_onnx  # noqa: E402
 
 
+CONTRACTS = [([3, 64, 64], 0.875, "center"), ([3, 32, 32], 0.95, "center"), ([3, 40, 56], 0.9, "center"),
+             ([3, 40, 56], 1.0, "squash")]
+
+
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
-@pytest.mark.parametrize("input_size,crop_pct,crop_mode", [([3, 64, 64], 0.875, "center"), ([3, 32, 32], 0.95, "center"),
-                                                           ([3, 40, 56], 0.9, "center"), ([3, 40, 56], 1.0, "squash")])
+@pytest.mark.parametrize("input_size,crop_pct,crop_mode", CONTRACTS)
 def test_in_graph_pixels_match_pillow(tmp_path, interpolation, input_size, crop_pct, crop_mode):
     dc = {"input_size": input_size, "interpolation": interpolation, "mean": [0.485, 0.456, 0.406],
           "std": [0.229, 0.224, 0.225], "crop_pct": crop_pct, "crop_mode": crop_mode}

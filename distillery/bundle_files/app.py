@@ -53,7 +53,8 @@ def frames(video: str | None, camera: int | None, every: int):
                          "JetPack. A folder of images needs no OpenCV.") from None
     cap = cv2.VideoCapture(video if video is not None else camera)
     if not cap.isOpened():
-        raise SystemExit(f"app: OpenCV cannot open {'video ' + repr(video) if video is not None else f'camera {camera}'}")
+        what = f"video {video!r}" if video is not None else f"camera {camera}"
+        raise SystemExit(f"app: OpenCV cannot open {what}")
     i = 0
     try:
         while True:
@@ -77,7 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--topk", type=int, default=1)
     p.add_argument("--providers", default=None, metavar="P1,P2", help="onnxruntime execution providers in order")
     p.add_argument("--tensorrt", choices=["fp32", "fp16"], default=None,
-                   help="run through a TensorRT engine built and cached on this device (onnxruntime's TensorRT provider)")
+                   help="run through a TensorRT engine built and cached on this device "
+                        "(onnxruntime's TensorRT provider)")
     args = p.parse_args(argv)
     if bool(args.sources) + (args.video is not None) + (args.camera is not None) != 1:
         p.error("give image files/folders, or --video FILE, or --camera N (one of them)")
