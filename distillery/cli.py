@@ -4,6 +4,7 @@
     distillery student --job examples/eurosat-tiny.yaml student.epochs=5
     distillery export  --job examples/eurosat-tiny.yaml
     distillery run runs/eurosat-tiny/export image.jpg            # classify images (runtime only, no torch)
+    distillery bundle --job examples/eurosat-tiny.yaml             # runs/<job>/bundle/: model, wheel, smoke test
     distillery tiny-models --out models/tiny                       # build the offline demo models
     distillery standin --out models/standin                        # stand-in models (reads LABELED images)
 
@@ -19,6 +20,7 @@ stages and their files (runs/<job>/ ...):
   teacher   teacher/synthetic.parquet, teacher/pseudo_labels.parquet, teacher/manifest.parquet
   student   student/model.safetensors, config.json, metrics.json, report.md (+ confusion.png)
   export    export/model.onnx, report.json
+  bundle    bundle/: model, runtime wheel, requirements, app.py, smoke_test.py, golden.json, README.md
 Each stage reads only the previous stages' files, skips itself when its inputs and settings are
 unchanged, and resumes after an interruption. Override any job setting with key=value, e.g.
   distillery student --job examples/eurosat-tiny.yaml student.epochs=5 student.model=resnet18
@@ -58,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
                   "parity against PyTorch on real domain images. With int8 in export.formats the INT8 model is "
                   "also fine-tuned under simulated quantisation (export.int8_qat_epochs, default 4; 0 = plain "
                   "post-training quantisation), e.g. export.formats=[fp32,int8] as an override.")
+    bp = _stage_parser(sub, "bundle", "write runs/<job>/bundle/: what a device needs to run the exported model",
+                       "Write runs/<job>/bundle/: the deployed model and export report, the runtime as a pure-Python "
+                       "wheel, requirements for x86 and JetPack, an example app, a smoke test with golden "
+                       "predictions on a few real images, and a README for the device.")
+    bp.add_argument("--images", type=int, default=8, metavar="N",
+                    help="real images for the smoke test, class-balanced by pseudo-label (default 8)")
     from distillery.runtime.cli import add_arguments as add_run_arguments
 
     add_run_arguments(sub.add_parser(
@@ -137,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             from distillery.export import export_onnx
 
             export_onnx(job, progress=progress)
+        elif args.command == "bundle":
+            from .bundle import make_bundle
+
+            make_bundle(job, n_images=args.images, progress=progress)
         return 0
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to pick up where it stopped", file=sys.stderr)

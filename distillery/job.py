@@ -179,6 +179,7 @@ class ExportCfg:
     tensorrt_workspace_mb: int = 1024  # TensorRT builder workspace
     deploy_timing_s: float = 1.0  # onnxruntime CPU timing per passing format (batch 1) to pick the deploy format; 0 = no timing, the most precise passing format
     deploy_tolerance: float = 0.05  # a lower precision is deployed only when it is this much faster (0.05 = 5%) than a more precise passing format
+    preprocess_in_graph: bool = False  # also write model.pre.onnx: input a decoded uint8 NHWC image, resize/crop/normalise as ONNX ops (report.json: pixel difference and top-1 agreement vs the Pillow path)
 
 
 @dataclass

@@ -200,6 +200,22 @@ def export_onnx(job, *, progress: bool = True) -> dict:
     report["tensorrt"] = _tensorrt_engines(files["fp32"], out_dir, config, formats, calib_paths, contract,
                                            reference, batch, progress, cfg)
     report["onnxruntime"] = _onnxruntime_status()
+    pre_file = out_dir / "model.pre.onnx"
+    if cfg.preprocess_in_graph:
+        from .preprocess_graph import build_preprocessing_model, compare_with_pillow
+
+        try:
+            build_preprocessing_model(files["fp32"], pre_file)
+            report["preprocess_in_graph"] = compare_with_pillow(pre_file, files["fp32"], parity_paths)
+            pig = report["preprocess_in_graph"]
+            log(f"{STAGE}: {pre_file.name} (preprocessing in the graph): top-1 agreement {pig['top1_agreement']:.4f} "
+                f"with the Pillow path, pixels within {pig['max_pixel_diff']:.2f} levels on {pig['n_images']} images")
+        except Exception as e:  # optional: record, never fail the export
+            pre_file.unlink(missing_ok=True)
+            report["preprocess_in_graph"] = {"file": None, "error": f"{type(e).__name__}: {e}"}
+            log(f"{STAGE}: preprocessing in the graph failed ({report['preprocess_in_graph']['error']})")
+    elif pre_file.exists():
+        pre_file.unlink()
     write_json(paths.export_report, report)
 
     if failed:

@@ -151,6 +151,11 @@ class BaseClassifier:
     def input_size(self) -> list[int]:
         return list(self.contract["input_size"])  # [3, H, W]
 
+    def pixels(self, image: ImageInput):
+        """One image -> the ``H x W`` RGB PIL image the network sees (decoded, resized, cropped; before
+        normalisation), following this model's contract."""
+        return self._pre.image(image)
+
     def preprocess(self, image: ImageInput) -> np.ndarray:
         """One image -> (3, H, W) float32, following this model's contract."""
         return self._pre(image)
@@ -188,6 +193,10 @@ class BaseClassifier:
         """Run the network on an already preprocessed ``(B, 3, H, W)`` batch; returns ``(B, K)`` float32 logits."""
         raise NotImplementedError
 
+    def _logits_for(self, items: list) -> np.ndarray:
+        """Logits for a list of raw images (decode + preprocess + network)."""
+        return self.predict_logits(self._pre.batch(items))
+
     def predict(self, images: ImageInput | Sequence[ImageInput], topk: int = 1,
                 batch_size: int = 32) -> list[Prediction]:
         """Classify one image or a list of images (paths, PIL images, HWC uint8 RGB arrays).
@@ -207,7 +216,7 @@ class BaseClassifier:
         k = min(topk, len(self.class_names))
         preds: list[Prediction] = []
         for start in range(0, len(items), batch_size):
-            probs = _softmax(self.predict_logits(self._pre.batch(items[start:start + batch_size])))
+            probs = _softmax(self._logits_for(items[start:start + batch_size]))
             for p in probs:
                 order = np.argsort(-p, kind="stable")[:k]
                 top = [(self.class_names[i], float(p[i])) for i in order]
@@ -226,6 +235,8 @@ class Classifier(BaseClassifier):
     the requested accelerators it silently dropped (a RuntimeWarning says so at load time).
     """
 
+    engine_cache: dict[str, Any] | None = None  # set by load_tensorrt: what the TensorRT engine cache did
+
     def __init__(self, session: ort.InferenceSession, metadata: dict[str, Any], path: str = "model",
                  requested_providers: Sequence[Any] | None = None, fast_decode: bool = True):
         super().__init__(metadata, path, fast_decode)
@@ -239,6 +250,9 @@ class Classifier(BaseClassifier):
         self.input_name = inputs[0].name
         self.output_name = outputs[0].name
         self._input_dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
+        # a model with the preprocessing inside its graph (export.preprocess_in_graph: model.pre.onnx) takes one
+        # decoded uint8 RGB image (1, height, width, 3); the runtime then only decodes
+        self.graph_preprocessing = metadata.get("input") == "image_uint8_nhwc" and inputs[0].type == "tensor(uint8)"
         n_out = outputs[0].shape[-1] if outputs[0].shape else None
         if isinstance(n_out, int) and n_out != len(self.class_names):
             raise ValueError(f"{path}: the model outputs {n_out} logits but its metadata names "
@@ -285,11 +299,32 @@ class Classifier(BaseClassifier):
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
         return clf
 
+    @classmethod
+    def load_tensorrt(cls, path: str | os.PathLike, **kwargs) -> "Classifier":
+        """Open an ``.onnx`` file (or export folder) on onnxruntime's TensorRT provider, building the engine on
+        this device on first load and reusing it after (a keyed cache; see :mod:`distillery.runtime.engine_cache`,
+        whose ``load_tensorrt`` takes the keyword arguments). Without TensorRT: one warning, default providers."""
+        from .engine_cache import load_tensorrt
+
+        return load_tensorrt(path, **kwargs)
+
+    def _logits_for(self, items: list) -> np.ndarray:
+        if not self.graph_preprocessing:
+            return super()._logits_for(items)
+        from .preprocess import load_image
+
+        out = [self.session.run([self.output_name], {self.input_name: np.asarray(load_image(im))[None]})[0]
+               for im in items]
+        return self._check_logits(np.concatenate(out), len(items))
+
     def predict_logits(self, batch: np.ndarray) -> np.ndarray:
         """Run the network on an already preprocessed ``(B, 3, H, W)`` batch; returns ``(B, K)`` float32 logits.
 
         onnxruntime's ``run`` is thread-safe, so this may be called from several threads on one instance.
         """
+        if self.graph_preprocessing:
+            raise ValueError(f"{self.path}: this model preprocesses inside its graph and takes decoded uint8 images; "
+                             "use predict(), or the model without preprocessing (model.onnx) for tensors.")
         batch = self.check_batch(batch)
         out = self.session.run([self.output_name], {self.input_name: batch.astype(self._input_dtype, copy=False)})
         return self._check_logits(out[0], len(batch))
