@@ -10,11 +10,12 @@ STAMP := $(VENV)/.distillery-installed
 TINY := models/tiny/.built
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help install tiny-models standin-models teacher student export bundle test bench clean clean-runs
+.PHONY: help install tiny-models standin-models teacher student export bundle report test bench clean clean-runs
 
 help:
 	@echo "make teacher student export   run the job JOB=$(JOB) end to end (ARGS='key=value ...' overrides)"
 	@echo "make bundle                   runs/<job>/bundle/: model, runtime wheel, app, smoke test (for a device)"
+	@echo "make report                   write runs/<job>/report.html (every stage also refreshes it)"
 	@echo "make test                     run the test suite"
 	@echo "make bench                    speed/quality figures (BENCH='synth runtime' for some)"
 	@echo "make tiny-models              build the tiny offline models into models/tiny"
@@ -55,6 +56,9 @@ export: $(STAMP)
 
 bundle: $(STAMP)
 	$(BIN)/distillery bundle --job $(JOB) $(ARGS)
+
+report: $(STAMP)
+	$(BIN)/distillery report --job $(JOB) $(ARGS)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests

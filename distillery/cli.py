@@ -7,6 +7,8 @@
     distillery bundle --job examples/eurosat-tiny.yaml             # runs/<job>/bundle/: model, wheel, smoke test
     distillery tiny-models --out models/tiny                       # build the offline demo models
     distillery standin --out models/standin                        # stand-in models (reads LABELED images)
+    distillery report --job examples/eurosat-tiny.yaml             # runs/<job>/report.html (also after each stage)
+    distillery init --classes "cat,dog" --unlabeled DIR --out job.yaml   # a job file for your own images
 
 Heavy libraries are imported inside the commands, so ``distillery run`` stays torch-free.
 """
@@ -21,6 +23,7 @@ stages and their files (runs/<job>/ ...):
   student   student/model.safetensors, config.json, metrics.json, report.md (+ confusion.png)
   export    export/model.onnx, report.json
   bundle    bundle/: model, runtime wheel, requirements, app.py, smoke_test.py, golden.json, README.md
+  report    report.html: every stage that ran on one self-contained page (refreshed after each stage)
 Each stage reads only the previous stages' files, skips itself when its inputs and settings are
 unchanged, and resumes after an interruption. Override any job setting with key=value, e.g.
   distillery student --job examples/eurosat-tiny.yaml student.epochs=5 student.model=resnet18
@@ -36,6 +39,9 @@ def _stage_parser(sub, name: str, help_: str, description: str):
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override job settings, e.g. teacher.synth.images_per_class=8 student.epochs=3")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars (logs stay)")
+    if name in ("teacher", "student", "export"):
+        p.add_argument("--no-report", action="store_true",
+                       help="do not refresh runs/<job>/report.html at the end (`distillery report` builds it)")
     return p
 
 
@@ -66,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "predictions on a few real images, and a README for the device.")
     bp.add_argument("--images", type=int, default=8, metavar="N",
                     help="real images for the smoke test, class-balanced by pseudo-label (default 8)")
+    _stage_parser(sub, "report", "write runs/<job>/report.html from the run folder",
+                  "Write the run report: one self-contained HTML page (images embedded, no network) with a "
+                  "section per stage that ran. Every stage command refreshes it at its end.")
+    from .init import add_arguments as add_init_arguments
+
+    add_init_arguments(sub.add_parser(
+        "init", help="write a job file for your own class names and image folders",
+        description="Write a commented job file for your class names and folders. Model roles point at the tiny "
+                    "offline models by absolute path (built if missing), or at the real hub models with --real, "
+                    "so the job runs from any folder.",
+        formatter_class=argparse.RawDescriptionHelpFormatter))
     from distillery.runtime.cli import add_arguments as add_run_arguments
 
     add_run_arguments(sub.add_parser(
@@ -98,6 +115,39 @@ def _refs_for(job, stage: str) -> list[str]:
     return []
 
 
+def _run_stage(command: str, job, progress: bool) -> None:
+    if command == "teacher":
+        from distillery.teacher import run_teacher
+
+        run_teacher(job, progress=progress)
+    elif command == "student":
+        from distillery.student import train_student
+
+        train_student(job, progress=progress)
+    elif command == "export":
+        from distillery.export import export_onnx
+
+        export_onnx(job, progress=progress)
+
+
+def _refresh_report(args, job) -> None:
+    """Rebuild runs/<job>/report.html after a stage; a failure here is one log line, never the stage's."""
+    if getattr(args, "no_report", False):
+        return
+    try:
+        from .report import refresh_report
+    except Exception as e:  # e.g. jinja2/matplotlib missing from an install without the core extra
+        from .rundir import log
+
+        log(f"report: not refreshed ({type(e).__name__}: {e}).")
+        return
+    path = refresh_report(job)
+    if path is not None:
+        from .rundir import log
+
+        log(f"report: {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -110,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_images(args)
     try:
+        if args.command == "init":
+            from .init import run as run_init
+
+            return run_init(args)
         if args.command == "tiny-models":
             from .tiny import build_tiny_models
 
@@ -121,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_cli(args)
         job = _load(args)
+        if args.command == "report":
+            from .report import build_report
+
+            print(build_report(job))
+            return 0
         from .models import prepare_hub_access
 
         prepare_hub_access(_refs_for(job, args.command))
@@ -133,22 +192,20 @@ def main(argv: list[str] | None = None) -> int:
             from distillery.teacher import dry_run
 
             dry_run(job)
-        elif args.command == "teacher":
-            from distillery.teacher import run_teacher
-
-            run_teacher(job, progress=progress)
-        elif args.command == "student":
-            from distillery.student import train_student
-
-            train_student(job, progress=progress)
-        elif args.command == "export":
-            from distillery.export import export_onnx
-
-            export_onnx(job, progress=progress)
-        elif args.command == "bundle":
+            return 0
+        if args.command == "bundle":
             from .bundle import make_bundle
 
             make_bundle(job, n_images=args.images, progress=progress)
+            return 0
+        try:
+            _run_stage(args.command, job, progress)
+        except KeyboardInterrupt:
+            raise
+        except Exception:  # what a failed stage left (e.g. an export gate's verdicts) is worth seeing too
+            _refresh_report(args, job)
+            raise
+        _refresh_report(args, job)
         return 0
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to pick up where it stopped", file=sys.stderr)

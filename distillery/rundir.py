@@ -17,6 +17,7 @@ runs/<job>/teacher/manifest.parquet          the training set
 runs/<job>/teacher/report.md                 what the teacher stages made
 runs/<job>/student/model.safetensors, config.json, metrics.json, report.md, confusion.png
 runs/<job>/export/model.onnx (+ model.fp16.onnx, model.int8.onnx), report.json
+runs/<job>/report.html                       the run report: every stage that ran, one self-contained page
 ```
 
 Stages talk only through these files; :class:`RunPaths` names every one of them, so no stage writes a
@@ -152,6 +153,11 @@ class RunPaths:
     @property
     def cache(self) -> Path:
         return self.root / "cache"
+
+    @property
+    def report_html(self) -> Path:
+        """The run report: every stage that ran, one self-contained page (``distillery report``)."""
+        return self.root / "report.html"
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

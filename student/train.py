@@ -7,9 +7,9 @@ checkpoint.pt       each epoch end and every student.checkpoint_steps steps (mod
                     EMA, RNG states, position in the epoch); a rerun resumes from it
 model.safetensors   the trained weights (state_dict; the EMA weights when student.ema_decay > 0)
 config.json         architecture, num_classes, class_names, model_args, data_config, weights, job_hash, versions
-metrics.json        epochs, train loss per epoch, wall time, images/s, evaluation on data.eval if set
-                    (top-1, per-class accuracy, confusion matrix)
-confusion.png       the confusion matrix as an image (with data.eval)
+metrics.json        epochs, train loss (and top-1 on data.eval, evaluation only) per epoch, wall time, images/s,
+                    evaluation on data.eval if set (top-1, per-class accuracy, confusion matrix)
+confusion.png       the confusion matrix (matplotlib, with data.eval)
 report.md           a summary of the above
 ```
 and ``<run>/cache/`` (or ``student.cache_dir``): the decode-once uint8 image cache (``student/cache.py``).
@@ -135,34 +135,15 @@ def evaluate(model: torch.nn.Module, items: list[tuple[Path, int]], data_config:
     }
 
 
-def _write_confusion_png(path: Path, confusion: list[list[int]], class_names: list[str]) -> None:
-    """A row-normalised confusion matrix (rows: true class, columns: predicted) drawn with Pillow."""
-    from PIL import Image, ImageDraw, ImageFont
+def _write_confusion_png(path: Path, confusion: list[list[int]], class_names: list[str], job_name: str = "",
+                         key: str | None = None) -> None:
+    """The row-normalised confusion matrix (rows: true class, columns: predicted) drawn with matplotlib, the same
+    figure as the run report's, naming the job, stage and settings hash that produced it."""
+    from distillery.report import Provenance, confusion_png
 
-    m = np.asarray(confusion, dtype=np.float64)
-    share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
-    k = len(class_names)
-    font = ImageFont.load_default()
-    cell, label_w = 44, 8 + 7 * max(len(c) for c in class_names)
-    top = label_w  # column labels are drawn rotated above the grid
-    img = Image.new("RGB", (label_w + k * cell + 8, top + k * cell + 28), "white")
-    draw = ImageDraw.Draw(img)
-    for i in range(k):
-        draw.text((4, top + i * cell + cell // 2 - 5), class_names[i], fill="black", font=font)
-        col = Image.new("RGB", (label_w, 14), "white")
-        ImageDraw.Draw(col).text((2, 1), class_names[i], fill="black", font=font)
-        col = col.rotate(90, expand=True)
-        img.paste(col, (label_w + i * cell + cell // 2 - 7, 0))
-        for j in range(k):
-            v = share[i, j]
-            shade = int(255 * (1 - v))
-            x0, y0 = label_w + j * cell, top + i * cell
-            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=(shade, shade, 255), outline=(200, 200, 200))
-            draw.text((x0 + 6, y0 + cell // 2 - 5), f"{int(m[i, j])}", fill="white" if v > 0.5 else "black", font=font)
-    draw.text((label_w, top + k * cell + 8), "rows: true class, columns: predicted; shade = share of the row",
-              fill="black", font=font)
+    png = confusion_png(confusion, class_names, Provenance(job_name, "student", key))
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+        tmp.write_bytes(png)
 
 
 def _write_report(path: Path, metrics: dict, config: dict) -> None:
@@ -457,10 +438,23 @@ def _fit(s: _Setup, progress: bool) -> None:
         s.images_seen += s.acc["images"]
         s.history.append({"epoch": epoch + 1, "loss": s.acc["loss_sum"] / max(s.acc["weight_sum"], 1e-12),
                           "lr": s.optimizer.param_groups[0]["lr"],
-                          "images_per_s": s.acc["images"] / max(s.acc["time"], 1e-9)})
+                          "images_per_s": s.acc["images"] / max(s.acc["time"], 1e-9),
+                          "eval_top1": _epoch_eval(s)})
         s.acc = _epoch_sums()
         _checkpoint(s, epoch + 1, 0)
     bar.close()
+
+
+def _epoch_eval(s: _Setup) -> float | None:
+    """Top-1 on data.eval after an epoch (the weights that would be saved: EMA when on), for the report's
+    accuracy curve; evaluation only. Forks the RNG so training sees exactly what it would without it."""
+    if not s.eval_items:
+        return None
+    model = s.ema.module if s.ema is not None else s.model
+    with torch.random.fork_rng(devices=[]):
+        top1 = evaluate(model, s.eval_items, s.data_config, s.job.class_names, s.device,
+                        batch_size=s.job.student.batch_size, workers=s.job.student.workers)["top1"]
+    return top1
 
 
 def _finalize(s: _Setup) -> dict:
@@ -510,7 +504,7 @@ def _finalize(s: _Setup) -> dict:
                                                            s.device, batch_size=cfg.batch_size,
                                                            workers=cfg.workers)["top1"]
         if main:
-            _write_confusion_png(out_dir / "confusion.png", ev["confusion"], class_names)
+            _write_confusion_png(out_dir / "confusion.png", ev["confusion"], class_names, job.name, s.key)
         log(f"student: top-1 {ev['top1']:.4f} on {ev['images']} images of {job.data.eval}; confusion matrix in "
             f"{out_dir / 'confusion.png'}.")
     if main:
