@@ -487,34 +487,111 @@ def _export(run: _Run) -> Section | None:
     return sec
 
 
-def _sections(job) -> list[Section]:
-    run = _Run(job)
-    out = []
-    for build in (_synthesis, _teachers, _student, _export):
-        s = build(run)
-        if s is not None:
-            out.append(s)
-    return out
+_BUILDERS = {"synthesis": _synthesis, "teachers": _teachers, "student": _student, "export": _export}
 
 
-def render(job, sections: list[Section]) -> str:
+def _sources(paths: RunPaths, sid: str) -> list[Path]:
+    """The run-folder files a section is drawn from (its reuse key covers their size and mtime)."""
+    from .rundir import stamp_path
+
+    p = paths
+    if sid == "synthesis":
+        return [p.lora_loss, stamp_path(p.lora, "lora"), p.synthetic, stamp_path(p.teacher, "synth"),
+                *sorted(p.grids.glob("*.png"))]
+    if sid == "teachers":
+        return [p.pseudo_labels, p.images_index, p.teacher_eval, stamp_path(p.teacher, "ensemble"),
+                stamp_path(p.teacher, "teacher-air"), p.grid("air_prototypes")]
+    if sid == "student":
+        return [p.student_metrics, p.student_config, stamp_path(p.student, "student")]
+    return [p.export_report, stamp_path(p.export, "export"), p.student_metrics]
+
+
+def _code_version() -> str:
+    from .rundir import sha256_bytes
+
+    here = Path(__file__).parent
+    parts = [Path(__file__).read_bytes(), *(f.read_bytes() for f in sorted((here / "templates").glob("*.j2")))]
+    return sha256_bytes(b"\0".join(parts))
+
+
+def _source_key(job, paths: RunPaths, sid: str, version: str) -> str:
+    from .rundir import settings_hash
+
+    files = []
+    for f in _sources(paths, sid):
+        try:
+            st = f.stat()
+            files.append((str(f), st.st_size, st.st_mtime_ns))
+        except OSError:
+            files.append((str(f), None, None))
+    return settings_hash(version, job.to_dict(), os.getcwd(), sid, files)
+
+
+_SECTION_RE = None
+
+
+def _previous_sections(path: Path) -> dict[str, tuple[str, str]]:
+    """``{section id: (source key, html)}`` from the page already on disk."""
+    import re
+
+    global _SECTION_RE
+    if _SECTION_RE is None:
+        _SECTION_RE = re.compile(r'<section id="(\w+)" class="stage" data-src="([0-9a-f]{64})">.*?</section>', re.S)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    return {m.group(1): (m.group(2), m.group(0)) for m in _SECTION_RE.finditer(text)}
+
+
+def _env():
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.PackageLoader("distillery", "templates"), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-                             keep_trailing_newline=True)
-    ran = {s.id for s in sections}
+    return jinja2.Environment(loader=jinja2.PackageLoader("distillery", "templates"), autoescape=True,
+                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                              keep_trailing_newline=True)
+
+
+def _sections(job) -> list[Section]:
+    """Every section built afresh (no reuse)."""
+    run = _Run(job)
+    return [s for s in (b(run) for b in _BUILDERS.values()) if s is not None]
+
+
+def render(job, reuse: dict[str, tuple[str, str]] | None = None) -> str:
+    """The page. A section whose source key matches one in ``reuse`` (from the page on disk) is taken as it
+    was: nothing it shows has changed, so its figures are not drawn again."""
+    from markupsafe import Markup
+
+    env = _env()
+    run = _Run(job)
+    version = _code_version()
+    section_tpl = env.get_template("section.html.j2")
+    rendered, ran = [], []
+    for sid, build in _BUILDERS.items():
+        src = _source_key(job, run.paths, sid, version)
+        old = (reuse or {}).get(sid)
+        if old is not None and old[0] == src:
+            html = old[1]
+        else:
+            sec = build(run)
+            if sec is None:
+                continue
+            html = section_tpl.render(s=sec, src=src, job=job).strip()
+        rendered.append(Markup(html))
+        ran.append(sid)
     job_file = job.source or ""
     missing = [(sid, f"distillery {'teacher' if sid in ('synthesis', 'teachers') else sid} --job {job_file or 'JOB'}")
                for sid in SECTIONS if sid not in ran]
-    return env.get_template(TEMPLATE).render(job=job, sections=sections, missing=missing, job_file=job_file,
-                                             classes=job.class_names)
+    return env.get_template(TEMPLATE).render(job=job, rendered=rendered, ran=ran, missing=missing,
+                                             job_file=job_file, classes=job.class_names)
 
 
-def build_report(job) -> Path:
-    """Write ``runs/<job>/report.html`` from the run folder (left untouched when nothing changed)."""
+def build_report(job, reuse: bool = True) -> Path:
+    """Write ``runs/<job>/report.html`` from the run folder (left untouched when nothing changed). With
+    ``reuse``, sections whose files are unchanged since the page on disk was written are kept as they are."""
     paths = RunPaths(job.run_path)
-    html = render(job, _sections(job))
+    html = render(job, _previous_sections(paths.report_html) if reuse else None)
     write_bytes(paths.report_html, html.encode("utf-8"))
     return paths.report_html
 
