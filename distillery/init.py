@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--classes", required=True, metavar="LIST",
                    help='comma-separated class names, each optionally name=EvalFolder, e.g. "cat,dog" or '
                         '"sea or lake=SeaLake,forest=Forest"')
-    p.add_argument("--unlabeled", required=True, metavar="DIR", help="folder of unlabeled images (searched recursively)")
+    p.add_argument("--unlabeled", required=True, metavar="DIR",
+                   help="folder of unlabeled images (searched recursively)")
     p.add_argument("--eval", metavar="DIR", help="optional labeled folder (one subfolder per class); evaluation only")
     p.add_argument("--domain", help='domain phrase used in prompts, e.g. "satellite photo" (default: none)')
     p.add_argument("--name", help="job name = run folder runs/<name> (default: the --out file's name)")
@@ -184,7 +185,8 @@ def job_text(name: str, classes: list[dict], unlabeled: str, eval_dir: str | Non
         "# Every key is a field of a dataclass in distillery/job.py; any of them can be overridden as key=value.",
         f"name: {_q(name)}",
         "seed: 0",
-        f"domain: {_q(domain) if domain else 'null'}   # a phrase used in prompts, e.g. \"satellite photo\"; null = none",
+        f"domain: {_q(domain) if domain else 'null'}   # a phrase used in prompts, e.g. \"satellite photo\"; "
+        "null = none",
         "classes:   # name: as used in prompts; folder: its folder in data.eval",
     ]
     for c in classes:

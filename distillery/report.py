@@ -16,8 +16,10 @@ command. A section per stage that ran:
 Plots are matplotlib (Agg) PNGs and every image is embedded as a ``data:`` URI: the page needs no network and
 works from ``file://``. The HTML comes from ``distillery/templates/report.html.j2`` with autoescaping, so a
 class name such as ``<script>`` is shown, never run. Every figure names the job, the stage and the settings
-hash (the stage stamp's ``key``) that produced it, in the image itself and under it. The page holds no
-timestamp: an unchanged run folder gives byte-identical HTML, and the file is then left untouched.
+hash (the stage stamp's ``key``) that produced it under it (and, for the plots drawn here, in the image itself).
+The page holds no timestamp: an unchanged run folder gives byte-identical HTML, and the file is then left
+untouched. Each section carries a key of the files it is drawn from (size, mtime), the job and this code; a
+refresh keeps a section of the page on disk whose key still matches, so a stage redraws only its own section.
 """
 from __future__ import annotations
 
@@ -117,7 +119,8 @@ def _png(fig, prov: Provenance) -> bytes:
 
 
 def confusion_png(confusion, class_names: list[str], prov: Provenance | None = None,
-                  title: str = "Confusion matrix (rows: true class, columns: predicted; colour: share of row)") -> bytes:
+                  title: str = "Confusion matrix (rows: true class, columns: predicted; colour: share of row)",
+                  ) -> bytes:
     """The confusion matrix (``[true][predicted]`` counts) as a row-normalised matplotlib heatmap with counts."""
     plt = _plt()
     m = np.asarray(confusion, dtype=np.float64)
@@ -218,7 +221,8 @@ def _synthesis(run: _Run) -> Section | None:
             ax.legend(fontsize=8)
             sec.figures.append(Figure("Domain LoRA: training loss per step", data_uri(_png(fig, prov)), prov))
         sec.facts += [
-            ("LoRA", f"{info.get('steps')} steps on {info.get('images')} unlabeled images at {info.get('resolution')} px "
+            ("LoRA", f"{info.get('steps')} steps on {info.get('images')} unlabeled images at "
+                     f"{info.get('resolution')} px "
                      f"on {info.get('device')} ({info.get('train_seconds')} s)"),
             ("LoRA trainable parameters", f"{info.get('trainable_params', 0):,} of {info.get('unet_params', 0):,} "
                                           f"({info.get('trainable_share', 0):.2%})"),
@@ -412,7 +416,8 @@ def _student(run: _Run) -> Section | None:
         if ev.get("top1_without_ema") is not None:
             sec.facts.append(("top-1 without EMA", _fmt(ev["top1_without_ema"])))
         if ev.get("confusion"):
-            sec.figures.append(Figure("Confusion matrix on data.eval", data_uri(confusion_png(ev["confusion"], names, prov)),
+            sec.figures.append(Figure("Confusion matrix on data.eval",
+                                      data_uri(confusion_png(ev["confusion"], names, prov)),
                                       prov))
         sec.tables.append({"title": "Per-class accuracy on data.eval", "head": ["class", "images", "top-1"],
                            "rows": [[c, (ev.get("per_class_images") or {}).get(c, "–"),
@@ -447,7 +452,8 @@ def _export(run: _Run) -> Section | None:
         if e.get("passed"):
             verdict = "passed"
         elif e.get("built") is False:
-            verdict = "not built" + (f": {e.get('reason') or e.get('error')}" if (e.get("reason") or e.get("error")) else "")
+            why = e.get("reason") or e.get("error")
+            verdict = "not built" + (f": {why}" if why else "")
         else:
             verdict = "FAILED"
         gate = f"≥ {_fmt(e.get('min_agreement'), 3)}" + (" (required)" if e.get("required") else "")
@@ -550,12 +556,6 @@ def _env():
     return jinja2.Environment(loader=jinja2.PackageLoader("distillery", "templates"), autoescape=True,
                               undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                               keep_trailing_newline=True)
-
-
-def _sections(job) -> list[Section]:
-    """Every section built afresh (no reuse)."""
-    run = _Run(job)
-    return [s for s in (b(run) for b in _BUILDERS.values()) if s is not None]
 
 
 def render(job, reuse: dict[str, tuple[str, str]] | None = None) -> str:

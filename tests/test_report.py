@@ -159,8 +159,8 @@ def open_page(executable: str, url: str, profile: Path, screenshot: Path, check_
             raise RuntimeError(f"navigation to {url} failed: {nav['errorText']}")
         b.wait_event("Page.loadEventFired", session)
         # let images decode
-        b.send("Runtime.evaluate", {"expression": "Promise.all([...document.images].map(i => i.decode().catch(() => null)))",
-                                    "awaitPromise": True}, session=session)
+        decode_all = "Promise.all([...document.images].map(i => i.decode().catch(() => null)))"
+        b.send("Runtime.evaluate", {"expression": decode_all, "awaitPromise": True}, session=session)
         value = b.send("Runtime.evaluate", {"expression": check_js, "returnByValue": True}, session=session)
         if "exceptionDetails" in value:
             raise RuntimeError(f"check script failed: {value['exceptionDetails']}")
