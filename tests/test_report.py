@@ -37,7 +37,7 @@ CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 def find_chromium() -> str | None:
     env = os.environ.get("DISTILLERY_CHROMIUM")
     if env:
-        return env
+        return shutil.which(env)
     for name in CHROMIUM_NAMES:
         path = shutil.which(name)
         if path:
@@ -281,8 +281,13 @@ def test_report_end_to_end_in_headless_chromium(tmp_path, tiny_models, small_unl
 
     shot = tmp_path / "report.png"
     got = open_page(exe, paths.report_html.resolve().as_uri(), _profile(tmp_path), shot, CHECK_JS)
-    print(f"\nreport {paths.report_html} ({paths.report_html.stat().st_size / 1e6:.1f} MB, built in {build_s:.1f} s); "
-          f"full-page screenshot {shot} ({got['size'][0]:.0f}x{got['size'][1]:.0f} px)")
+    artifacts = os.environ.get("DISTILLERY_TEST_ARTIFACTS")  # CI may collect the screenshot from there
+    if artifacts:
+        Path(artifacts).mkdir(parents=True, exist_ok=True)
+        shot = Path(shutil.copy(shot, Path(artifacts) / "report.png"))
+    with capsys.disabled():  # shown even without -s
+        print(f"\nreport {paths.report_html} ({paths.report_html.stat().st_size / 1e6:.1f} MB, built afresh in "
+              f"{build_s:.1f} s); full-page screenshot {shot} ({got['size'][0]:.0f}x{got['size'][1]:.0f} px)")
     v = got["value"]
     assert got["errors"] == [], got["errors"]
     assert got["requests"] == [], f"the page asked the network for {got['requests']}"
