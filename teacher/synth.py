@@ -281,6 +281,8 @@ def run_synth(job, progress: bool = True, executor=None) -> dict:
         + (f" with the domain LoRA {lora_file}" if lora_file else ""))
     paths.teacher.mkdir(parents=True, exist_ok=True)
     save_resolved_job(job, paths.teacher)
+    for stale in paths.synthetic_dir.rglob(".*.tmp*") if paths.synthetic_dir.is_dir() else []:
+        stale.unlink(missing_ok=True)  # a half-written image of a killed run (atomic_path's temporary name)
     t0 = time.perf_counter()
     if todo:
         from distillery.models import pick_device
