@@ -83,6 +83,7 @@ class SynthCfg:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
     half: bool = True  # fp16 on CUDA (ignored on CPU)
     grid_samples: int = 4  # samples per class in the picture of each trick (teacher/grids/<trick>.png); 0 = none
+    keep_full_size: list[str] | None = None  # tricks whose full-resolution originals are also kept (teacher/synthetic_full/) when output_size shrinks them, for AiR's prototype features at CLIP's resolution; null = AiR's prototype_tricks when AiR runs; [] = none
 
 
 @dataclass

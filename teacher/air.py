@@ -705,17 +705,27 @@ def run_air(ctx) -> TeacherResult:
         raise ValueError(f"teacher.air: class {names[int(np.argmin(counts))]!r} has no synthetic images; AiR builds "
                          "its prototypes from them. Generate some (teacher.synth) or set teacher.air.enabled=false.")
     tricks = [r["trick"] for r in rows]
+    # Prototype features at CLIP's resolution: from the full-size originals where synthesis kept them
+    # (teacher.synth.keep_full_size), not from the output_size copies the student trains on.
+    proto_paths = [r.get("full_path") or r["path"] for r in rows]
+    proto_sha = [r.get("full_sha256") or r["sha256"] for r in rows]
+    proto_feats = syn_feats
+    if any(r.get("full_path") for r in rows):
+        from distillery.images import ImageSet
+
+        proto_feats = image_features(ctx, job.models.clip, preprocess, device, batch,
+                                     [ImageSet([Path(x) for x in proto_paths], proto_sha)])[0]
     try:
-        protos, chosen_rows = build_prototypes(syn_feats, [r["class_index"] for r in rows], len(names), cfg.k, cfg.m,
+        protos, chosen_rows = build_prototypes(proto_feats, [r["class_index"] for r in rows], len(names), cfg.k, cfg.m,
                                                tricks, cfg.prototype_tricks, return_rows=True)
     except ValueError as e:  # name the class, not its index
         raise ValueError(str(e).replace("AiR: class ", "teacher.air: class #")
                          + f" (classes: {', '.join(f'#{i} {n}' for i, n in enumerate(names))})") from e
-    chosen = {"class_index": [], "class_name": [], "path": [], "sha256": [], "rank": []}
+    chosen = {"class_index": [], "class_name": [], "path": [], "sha256": [], "synthetic_path": [], "rank": []}
     for c, picked in enumerate(chosen_rows):  # the prototypes, for the report (most similar to the mean first)
-        for rank, i in enumerate(picked):
-            for k, v in (("class_index", c), ("class_name", names[c]), ("path", rows[i]["path"]),
-                         ("sha256", rows[i]["sha256"]), ("rank", rank)):
+        for rank, i in enumerate(picked):  # path/sha256: the image whose features are the prototype
+            for k, v in (("class_index", c), ("class_name", names[c]), ("path", proto_paths[i]),
+                         ("sha256", proto_sha[i]), ("synthetic_path", rows[i]["path"]), ("rank", rank)):
                 chosen[k].append(v)
     p_zs = {"real": ctx.columns["clip"], "eval": ctx.eval_columns.get("clip"),
             "synthetic": ctx.synthetic_columns.get("clip")}

@@ -45,6 +45,7 @@ class PlannedImage:
     steps: int
     seed: int
     relpath: str  # relative to the teacher folder
+    full_relpath: str | None = None  # the full-resolution original, kept when output_size shrinks the image
 
 
 def image_seed(job_seed: int, class_name: str, trick: str, index: int) -> int:
@@ -103,9 +104,26 @@ def trick_guidance(trick: str, seed: int, default: float) -> float:
     return float(default)
 
 
+def full_size_tricks(job) -> list[str]:
+    """The tricks whose full-resolution originals are kept (``teacher.synth.keep_full_size``; by default the
+    ones AiR builds its prototypes from, when AiR runs and ``output_size`` shrinks the images)."""
+    s = job.teacher.synth
+    if s.output_size is None or s.output_size == s.resolution:
+        return []
+    kept = s.keep_full_size
+    if kept is None:
+        from .base import TEACHERS, teachers_to_run
+
+        kept = list(job.teacher.settings("air").prototype_tricks) if "air" in TEACHERS and \
+            "air" in teachers_to_run(job) else []
+    tricks = expand_tricks(s.tricks, job.domain)
+    return tricks if "all" in kept else [t for t in tricks if t in kept]
+
+
 def plan(job) -> list[PlannedImage]:
     """Every image the job asks for, in a stable order."""
     s = job.teacher.synth
+    full = set(full_size_tricks(job))
     rows = []
     for ci, c in enumerate(job.classes):
         folder = f"{ci:03d}-{safe_name(c.name)}"
@@ -117,6 +135,7 @@ def plan(job) -> list[PlannedImage]:
                     prompt=trick_prompt(trick, c.name, i, job.domain_phrase), negative_prompt=s.negative_prompt,
                     guidance=trick_guidance(trick, seed, s.guidance), steps=s.steps, seed=seed,
                     relpath=f"synthetic/{folder}/{trick}/{i:05d}.png",
+                    full_relpath=f"synthetic_full/{folder}/{trick}/{i:05d}.png" if trick in full else None,
                 ))
     return rows
 
@@ -182,18 +201,19 @@ def _progress_log(paths: RunPaths) -> Path:
     return paths.teacher / ".synthetic.progress.jsonl"
 
 
-def _recorded(paths: RunPaths) -> dict[str, tuple[str, str | None]]:
-    """relpath -> (sha256, recipe) for every image a previous (possibly interrupted) run finished."""
-    done: dict[str, tuple[str, str | None]] = {}
+def _recorded(paths: RunPaths) -> dict[str, tuple[str, str | None, str | None]]:
+    """relpath -> (sha256, recipe, sha256 of the full-size original or None) for every image a previous
+    (possibly interrupted) run finished."""
+    done: dict[str, tuple[str, str | None, str | None]] = {}
     if paths.synthetic.is_file():
         for r in read_table(paths.synthetic):
-            done[r["relpath"]] = (r["sha256"], r.get("recipe"))
+            done[r["relpath"]] = (r["sha256"], r.get("recipe"), r.get("full_sha256"))
     logf = _progress_log(paths)
     if logf.is_file():
         for line in logf.read_text().splitlines():
             try:
                 r = json.loads(line)
-                done[r["relpath"]] = (r["sha256"], r.get("recipe"))
+                done[r["relpath"]] = (r["sha256"], r.get("recipe"), r.get("full_sha256"))
             except (ValueError, KeyError):
                 continue  # a line cut short by a crash
     return done
@@ -215,7 +235,11 @@ def pending(job, planned: list[PlannedImage], lora_sha: str | None) -> list[Plan
     for p in planned:
         f = paths.teacher / p.relpath
         rec = recorded.get(p.relpath)
-        if not (rec and f.is_file() and rec[1] == image_recipe(p, job, lora_sha) and rec[0] == sha256_file(f)):
+        ok = rec and f.is_file() and rec[1] == image_recipe(p, job, lora_sha) and rec[0] == sha256_file(f)
+        if ok and p.full_relpath:  # the full-size original is wanted too, as recorded
+            full = paths.teacher / p.full_relpath
+            ok = rec[2] is not None and full.is_file() and rec[2] == sha256_file(full)
+        if not ok:
             out.append(p)
     return out
 
@@ -228,7 +252,7 @@ def synth_settings(job, lora_sha: str | None = None) -> dict:
 def _synth_worker(diffusion: str, device: str, half: bool, lora_file: str | None, steps: int, resolution: int,
                   output_size: int | None, antialias: bool):
     """Runs where the model lives: load the pipeline (and LoRA) once, then turn batches of planned images into
-    PNG bytes (one per image, in order)."""
+    (PNG bytes, PNG bytes of the full-size original or None) per image, in order."""
     import io
 
     from distillery.models import load_diffusion
@@ -239,15 +263,17 @@ def _synth_worker(diffusion: str, device: str, half: bool, lora_file: str | None
     if lora_file:
         load_lora(pipe, Path(lora_file))
 
-    def fn(batch: list[PlannedImage]) -> list[bytes]:
+    def png(im) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return buf.getvalue()
+
+    def fn(batch: list[PlannedImage]) -> list[tuple[bytes, bytes | None]]:
         images = generate(pipe, [p.prompt for p in batch], [p.guidance for p in batch], [p.seed for p in batch],
                           steps, [p.negative_prompt for p in batch], resolution=resolution)
-        out = []
-        for im in to_pil(images, output_size, antialias):
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-            out.append(buf.getvalue())
-        return out
+        small = to_pil(images, output_size, antialias)
+        full = to_pil(images, None, antialias) if any(p.full_relpath for p in batch) else [None] * len(batch)
+        return [(png(s), png(f) if p.full_relpath else None) for p, s, f in zip(batch, small, full)]
 
     return fn
 
@@ -281,8 +307,9 @@ def run_synth(job, progress: bool = True, executor=None) -> dict:
         + (f" with the domain LoRA {lora_file}" if lora_file else ""))
     paths.teacher.mkdir(parents=True, exist_ok=True)
     save_resolved_job(job, paths.teacher)
-    for stale in paths.synthetic_dir.rglob(".*.tmp*") if paths.synthetic_dir.is_dir() else []:
-        stale.unlink(missing_ok=True)  # a half-written image of a killed run (atomic_path's temporary name)
+    for folder in (paths.synthetic_dir, paths.teacher / "synthetic_full"):
+        for stale in folder.rglob(".*.tmp*") if folder.is_dir() else []:
+            stale.unlink(missing_ok=True)  # a half-written image of a killed run (atomic_path's temporary name)
     t0 = time.perf_counter()
     if todo:
         from distillery.models import pick_device
@@ -293,12 +320,18 @@ def run_synth(job, progress: bool = True, executor=None) -> dict:
         executor = executor or get_executor(job)
         with open(_progress_log(paths), "a", encoding="utf-8") as logf:
             for batch, pngs in executor.map_batches(make_fn, todo, s.batch_size, desc="synth", progress=progress):
-                for p, png in zip(batch, pngs):
+                for p, (png, full_png) in zip(batch, pngs):
+                    full_sha = None
+                    if full_png is not None:  # the original first: a logged row always has both files
+                        full = paths.teacher / p.full_relpath
+                        with atomic_path(full) as tmp:
+                            tmp.write_bytes(full_png)
+                        full_sha = sha256_file(full)
                     dest = paths.teacher / p.relpath
                     with atomic_path(dest) as tmp:
                         tmp.write_bytes(png)
                     logf.write(json.dumps({"relpath": p.relpath, "sha256": sha256_file(dest),
-                                           "recipe": image_recipe(p, job, lora_sha)}) + "\n")
+                                           "recipe": image_recipe(p, job, lora_sha), "full_sha256": full_sha}) + "\n")
                     logf.flush()
     elapsed = time.perf_counter() - t0
     recorded = _recorded(paths)
@@ -306,7 +339,10 @@ def run_synth(job, progress: bool = True, executor=None) -> dict:
     for p in planned:
         d = asdict(p)
         d["path"] = str((paths.teacher / p.relpath).resolve())
-        d["sha256"], d["recipe"] = recorded[p.relpath]
+        d["sha256"], d["recipe"], d["full_sha256"] = recorded[p.relpath]
+        d["full_path"] = str((paths.teacher / p.full_relpath).resolve()) if p.full_relpath else None
+        if not p.full_relpath:
+            d["full_sha256"] = None
         d["model"] = job.models.diffusion
         d["lora"] = lora_sha  # sha256 of teacher/lora/pytorch_lora_weights.safetensors, None without LoRA
         d["resolution"] = s.resolution

@@ -366,6 +366,11 @@ def test_air_stage_writes_its_columns_recomputable_from_the_prototype_table(make
     assert {"p_clip", "p_air_aux", "p_air_fused", "p_air_prompt"} <= set(pl[0])
     protos = read_table(paths.teacher_dir("air") / "prototypes.parquet")
     assert [sum(r["class_index"] == c for r in protos) for c in range(3)] == [2, 2, 2]
+    # the prototypes come from the full-size originals (64 px) that synthesis kept, not the 32 px copies
+    from PIL import Image
+
+    assert all("synthetic_full" in r["path"] and Image.open(r["path"]).size == (64, 64) for r in protos)
+    assert all(Image.open(r["synthetic_path"]).size == (32, 32) for r in protos)
     assert (paths.teacher_dir("air") / "context.safetensors").is_file()
     # independent recomputation of p̂ -> softmax(100 p̂) -> (p + p̂')/2 from the stored features
     _, preprocess, _ = load_clip(job.models.clip)

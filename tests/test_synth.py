@@ -154,3 +154,32 @@ def test_changed_recipe_regenerates_images_under_the_same_names(make_job):
     after = {r["relpath"]: (r["sha256"], r["recipe"]) for r in read_table(RunPaths(job.run_path).synthetic)}
     assert before.keys() == after.keys() and all(before[k][1] != after[k][1] for k in before)
     assert not (RunPaths(job.run_path).teacher / "grids").exists()  # grid_samples=0: no pictures
+
+
+def test_full_size_originals_kept_for_airs_tricks_and_regenerated_when_missing(make_job):
+    from PIL import Image
+
+    job = make_job({"teacher.synth.tricks": ["base", "random_guidance"], "teacher.synth.images_per_class": 1,
+                    "teacher.synth.grid_samples": 0})  # resolution 64 -> output_size 32; AiR uses "base"
+    assert synth.run_synth(job, progress=False)["generated"] == 6
+    rows = read_table(RunPaths(job.run_path).synthetic)
+    base = [r for r in rows if r["trick"] == "base"]
+    assert all(r["full_path"] and Image.open(r["full_path"]).size == (64, 64) for r in base)
+    assert all(sha256_file(r["full_path"]) == r["full_sha256"] for r in base)
+    assert all(r["full_path"] is None for r in rows if r["trick"] == "random_guidance")
+    # the small copy is the original resized as the recipe says
+    small = synth.to_pil(torch_from(Image.open(base[0]["full_path"])), 32, False)[0]
+    assert np.abs(np.asarray(small, int) - np.asarray(Image.open(base[0]["path"]), int)).max() <= 1
+    import os
+
+    os.remove(base[0]["full_path"])
+    assert synth.run_synth(job, progress=False)["generated"] == 1  # only the row whose original is gone
+    job_none = make_job({"teacher.synth.tricks": ["base"], "teacher.synth.images_per_class": 1,
+                         "teacher.synth.keep_full_size": [], "teacher.synth.grid_samples": 0})
+    assert all(p.full_relpath is None for p in synth.plan(job_none))
+
+
+def torch_from(img):
+    import torch
+
+    return torch.from_numpy(np.asarray(img, np.float32) / 255).permute(2, 0, 1)[None]
