@@ -193,19 +193,22 @@ def main(argv: list[str] | None = None) -> int:
 
             dry_run(job)
             return 0
-        if args.command == "bundle":
-            from .bundle import make_bundle
+        from .rundir import run_lock
 
-            make_bundle(job, n_images=args.images, progress=progress)
-            return 0
-        try:
-            _run_stage(args.command, job, progress)
-        except KeyboardInterrupt:
-            raise
-        except Exception:  # what a failed stage left (e.g. an export gate's verdicts) is worth seeing too
+        with run_lock(job.run_path, "distillery " + " ".join(argv)):  # one stage at a time per run folder
+            if args.command == "bundle":
+                from .bundle import make_bundle
+
+                make_bundle(job, n_images=args.images, progress=progress)
+                return 0
+            try:
+                _run_stage(args.command, job, progress)
+            except KeyboardInterrupt:
+                raise
+            except Exception:  # what a failed stage left (e.g. an export gate's verdicts) is worth seeing too
+                _refresh_report(args, job)
+                raise
             _refresh_report(args, job)
-            raise
-        _refresh_report(args, job)
         return 0
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to pick up where it stopped", file=sys.stderr)
@@ -213,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # user-facing errors: one clear line, no traceback unless asked
         from .job import JobError
         from .models import ModelLoadError
+        from .rundir import RunLockError
 
-        known = (JobError, ModelLoadError, ValueError, FileNotFoundError)
+        known = (JobError, ModelLoadError, RunLockError, ValueError, FileNotFoundError)
         if isinstance(e, known) or type(e).__name__.endswith("GateError"):
             print(f"error: {e}", file=sys.stderr)
             return 1 if type(e).__name__.endswith("GateError") else 2

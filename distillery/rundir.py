@@ -190,6 +190,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def clean_temp_files(folder: str | os.PathLike) -> list[str]:
+    """Remove the temporary files :func:`atomic_path` leaves in ``folder`` when a process is killed mid-write
+    (``.<name>.<random>.tmp<suffix>``); call it only while holding the folder (a stage's start, under the run
+    lock). Returns the names removed."""
+    import re
+
+    pattern = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[^.]+)?$")
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in sorted(folder.iterdir()):
+        if pattern.match(p.name) and p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    if removed:
+        log(f"removed {len(removed)} temporary file(s) left by an interrupted write in {str(folder)!r}: "
+            f"{', '.join(removed[:3])}{' ...' if len(removed) > 3 else ''}")
+    return removed
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as JSON atomically; a file that already holds exactly this text is left untouched."""
     text = json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"
@@ -326,3 +347,131 @@ def save_resolved_job(job, folder: Path) -> None:
 
 def log(msg: str) -> None:
     print(f"[distillery] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# One run at a time per run folder.
+
+LOCK_NAME = ".lock"
+
+
+class RunLockError(RuntimeError):
+    """Another live run holds the run folder; the message names the holder."""
+
+
+_HELD: dict[str, int] = {}  # lock file -> how many times this process holds it (re-entrant)
+
+
+def _proc_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (Linux /proc), to tell a live holder from a reused pid; None elsewhere."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    now = _proc_start(pid)
+    return not (start and now and now != start)  # same pid, other process: the holder is gone
+
+
+def _describe(info: dict) -> str:
+    return (f"pid {info.get('pid')} on host {info.get('host')}, started {info.get('started')}, "
+            f"command {info.get('command')!r}")
+
+
+def _read_lock(path: Path) -> dict | None:
+    """The holder recorded in a lock file; None when it cannot be parsed (retried briefly: a holder that has just
+    created the file may not have written it yet)."""
+    import time
+
+    for _ in range(10):
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(info, dict) and "pid" in info:
+                return info
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    return None
+
+
+@contextlib.contextmanager
+def run_lock(run_path: str | os.PathLike, command: str = "") -> Iterator[Path]:
+    """Hold ``<run>/.lock`` for the duration of the block: one stage command at a time per run folder.
+
+    The lock file is created atomically (``O_CREAT | O_EXCL``) and records the holder (pid, host, start time,
+    command). A second run stops at once with :class:`RunLockError` naming the holder. A lock left by a dead
+    process on this host (pid not alive, or alive with another start time) is taken over, with a log line.
+    Re-entrant within one process. A run folder the lock created and left empty is removed again.
+    """
+    import datetime
+    import socket
+
+    root = Path(run_path)
+    created_root = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK_NAME
+    key = str(path.resolve())
+    if _HELD.get(key):
+        _HELD[key] += 1
+        try:
+            yield path
+        finally:
+            _HELD[key] -= 1
+        return
+    host = socket.gethostname()
+    me = {"pid": os.getpid(), "host": host, "proc_start": _proc_start(os.getpid()),
+          "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+          "command": command or " ".join(sys.argv)}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                info = _read_lock(path)
+            except FileNotFoundError:  # released meanwhile: try again
+                continue
+            if info is None:
+                raise RunLockError(f"run folder {str(root)!r} is locked by {str(path)!r}, which does not say who holds "
+                                   "it. If no distillery run is using this folder, delete that file.") from None
+            if info.get("host") != host or _pid_alive(int(info["pid"]), info.get("proc_start")):
+                where = "" if info.get("host") == host else f" on host {info.get('host')}"
+                raise RunLockError(f"run folder {str(root)!r} is in use by another distillery run: {_describe(info)}. "
+                                   f"Wait for it to finish or stop it; if no such process is running{where}, delete "
+                                   f"{str(path)!r}.") from None
+            # stale: the holder on this host is gone. Remove it only if it is still the same lock we read.
+            try:
+                if _read_lock(path) == info:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
+            log(f"taking over the stale lock of {str(root)!r} left by a process that is gone ({_describe(info)})")
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise RunLockError(f"could not take the lock {str(path)!r} (it kept changing); is another run starting?")
+    _HELD[key] = 1
+    try:
+        yield path
+    finally:
+        _HELD.pop(key, None)
+        try:
+            if json.loads(path.read_text(encoding="utf-8")).get("pid") == me["pid"]:
+                path.unlink()
+        except (OSError, ValueError):
+            pass
+        if created_root:
+            with contextlib.suppress(OSError):
+                root.rmdir()  # only when empty: a stage that failed before writing anything leaves no folder

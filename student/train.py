@@ -41,8 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from distillery.rundir import (RunPaths, atomic_path, is_done, log, mark_done, read_json, save_resolved_job,
-                               stage_key, stamp_path, write_json)
+from distillery.rundir import (RunPaths, atomic_path, clean_temp_files, is_done, log, mark_done, read_json,
+                               save_resolved_job, stage_key, stamp_path, write_json)
 
 from .data import ImageListDataset, ManifestDataset, eval_transform, list_eval_images, read_manifest, train_transform
 from .dist import is_main
@@ -228,6 +228,8 @@ def train_student(job, *, progress: bool = True) -> dict:
         log(f"student: up to date ({paths.student}); delete {stamp_path(paths.student, STAGE).name} there to retrain.")
         return read_json(paths.student_metrics)
 
+    if is_main():  # a write killed mid-way (e.g. of checkpoint.pt) leaves its temporary file behind
+        clean_temp_files(paths.student)
     s = _setup(job, key, eval_folders, progress)
     _fit(s, progress)
     return _finalize(s)

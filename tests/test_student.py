@@ -523,3 +523,13 @@ def test_only_rank_0_writes(tmp_path, monkeypatch):
     assert metrics["train_images"] == 11 and metrics["eval"]["images"] == 6
     out = RunPaths(job.run_path).student
     assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
+
+
+def test_temp_file_of_a_killed_checkpoint_write_is_gone_after_the_rerun(tmp_path):
+    job = _job(tmp_path)
+    student = RunPaths(job.run_path).student
+    student.mkdir(parents=True, exist_ok=True)
+    torn = student / ".checkpoint.pt.k1ll3d_x.tmp.pt"  # what a SIGKILL inside torch.save leaves
+    torn.write_bytes(b"")
+    train_student(job, progress=False)
+    assert not torn.exists() and not list(student.glob(".*.tmp*"))
