@@ -105,14 +105,19 @@ def _load(args):
     return load_job(args.job, args.overrides)
 
 
-def _refs_for(job, stage: str) -> list[str]:
+def _roles_for(job, stage: str) -> dict[str, str]:
+    """The model references (role or key -> reference) the stage will load."""
     if stage == "teacher":
-        from distillery.teacher import model_refs
+        from distillery.teacher import model_roles
 
-        return model_refs(job)
-    if stage == "student" and job.student.pretrained and job.student.pretrained.startswith("hf-hub:"):
-        return [job.student.pretrained]
-    return []
+        return model_roles(job)
+    if stage == "student" and job.student.pretrained:
+        return {"student.pretrained": job.student.pretrained}
+    return {}
+
+
+def _refs_for(job, stage: str) -> list[str]:
+    return list(dict.fromkeys(_roles_for(job, stage).values()))
 
 
 def _run_stage(command: str, job, progress: bool) -> None:
@@ -180,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
 
             print(build_report(job))
             return 0
-        from .models import prepare_hub_access
+        from .models import check_local_models, prepare_hub_access
 
+        check_local_models(_roles_for(job, args.command))  # a model path that points nowhere: before any work
         prepare_hub_access(_refs_for(job, args.command))
         progress = not args.no_progress
         if not progress:  # also the Hugging Face libraries' own loading bars

@@ -450,6 +450,12 @@ def validate(job: Job) -> Job:
                        "the only placeholder is {domain}, e.g. 'a {domain}'.") from e
     _validate_teachers(job)
     st = job.student
+    if not st.model.startswith(("hf-hub:", "local-dir:")):
+        import timm
+
+        if not timm.is_model(st.model):
+            raise JobError(f"student.model: timm has no model {st.model!r}. Use a timm model name such as "
+                           "mobilenetv3_small_100 or resnet18 (timm.list_models('*mobile*') lists them).")
     for k in ("epochs", "batch_size"):
         if getattr(st, k) < 1:
             raise JobError(f"student.{k}: must be >= 1, got {getattr(st, k)}.")

@@ -73,10 +73,24 @@ def _check_local(role: str, ref: str) -> None:
         raise ModelLoadError(f"models.{role}: local folder {str(local_path(ref))!r} does not exist. {_fix_hint(role)}")
 
 
+def check_local_models(roles: dict[str, str]) -> None:
+    """Before any work: every local model reference (``models.<role>`` / ``student.pretrained``) exists.
+    Raises :class:`ModelLoadError` naming the first missing one; hub ids are left to the loaders."""
+    for role, ref in roles.items():
+        if ref and is_local(ref) and not local_path(ref).exists():
+            key = role if "." in role else f"models.{role}"
+            raise ModelLoadError(f"{key}: local path {str(local_path(ref))!r} does not exist (checked before any "
+                                 f"work). Point {key} at an existing model folder or a hub id"
+                                 f"{'; `make tiny-models` builds the offline demo models into models/tiny/' if '.' not in role else ''}.")
+
+
 def _wrap(role: str, ref: str, e: Exception) -> ModelLoadError:
     offline = " (HF_HUB_OFFLINE=1: only locally cached files are used)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-    return ModelLoadError(f"models.{role}: could not load {ref!r}{offline}: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}. {_fix_hint(role)}")
+    why = str(e).splitlines()[0] if str(e) else ""
+    if len(why) > 300:  # e.g. open_clip appends every pretrained tag it knows (4.5 KB): the start says it
+        why = why[:300].rsplit(" ", 1)[0] + " ..."
+    return ModelLoadError(f"models.{role}: could not load {ref!r}{offline}: {type(e).__name__}: {why}. "
+                          f"{_fix_hint(role)}")
 
 
 def pick_device(setting: str = "auto", key: str = "device") -> str:

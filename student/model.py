@@ -84,18 +84,35 @@ def _load_matching(model, state_dict: dict, source: str) -> list[str]:
     return fresh
 
 
+def _create(name: str, **kwargs):
+    """``timm.create_model`` with the user's mistakes as messages naming the key (an unknown architecture,
+    a keyword argument the model does not take) instead of timm's RuntimeError / TypeError."""
+    import timm
+
+    try:
+        return timm.create_model(name, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" not in str(e):
+            raise
+        raise ValueError(f"student.model: timm has no model {name!r}. Use a timm model name such as "
+                         "mobilenetv3_small_100 or resnet18 (python -c \"import timm; print(timm.list_models('*mobile*'))\" "
+                         "lists them).") from e
+    except TypeError as e:
+        raise ValueError(f"student.model_args: {name!r} does not take these arguments ({e}); give keyword "
+                         "arguments of timm.create_model for this model, e.g. {drop_rate: 0.2}.") from e
+
+
 def build_student(model_name: str, num_classes: int, pretrained: str | None = None,
                   model_args: dict[str, Any] | None = None):
     """Create the student; returns ``(model, architecture, model_args)`` where ``model_args`` are the keyword
     arguments (besides ``pretrained``/``num_classes``) that rebuild the same architecture with ``create_model``."""
-    import timm
     from timm.models import load_state_dict
     from timm.models._factory import parse_model_name
     from timm.models._hub import load_model_config_from_hf, load_model_config_from_path
 
     model_args = dict(model_args or {})
     if not pretrained:
-        model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **model_args)
+        model = _create(model_name, pretrained=False, num_classes=num_classes, **model_args)
         return model, model_name, model_args
 
     ref = pretrained
@@ -109,7 +126,7 @@ def build_student(model_name: str, num_classes: int, pretrained: str | None = No
                              "make sure the model is in the local Hugging Face cache (runs are offline).") from e
         _check_arch(model_name, arch, ref)
         saved_args = {k: v for k, v in (saved_args or {}).items() if k != "num_classes"}
-        model = timm.create_model(ref, pretrained=True, num_classes=num_classes, **model_args)
+        model = _create(ref, pretrained=True, num_classes=num_classes, **model_args)
         return model, arch, {**saved_args, **model_args}
 
     path = Path(ref)
@@ -122,7 +139,7 @@ def build_student(model_name: str, num_classes: int, pretrained: str | None = No
             _check_arch(model_name, saved["architecture"], str(path))
         model_args = {**{k: v for k, v in (saved.get("model_args") or {}).items() if k != "num_classes"}, **model_args}
     weights = _weights_in(path) if path.is_dir() else path
-    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **model_args)
+    model = _create(model_name, pretrained=False, num_classes=num_classes, **model_args)
     try:
         state_dict = load_state_dict(str(weights), use_ema=False)
     except Exception as e:

@@ -27,17 +27,22 @@ from . import latte as _latte  # noqa: F401,E402
 from . import vermouth as _vermouth  # noqa: F401,E402
 
 __all__ = ["TEACHERS", "TeacherContext", "TeacherResult", "TeacherSettings", "register_teacher", "all_columns",
-           "teachers_to_run", "run_teacher", "dry_run", "model_refs"]
+           "teachers_to_run", "run_teacher", "dry_run", "model_refs", "model_roles"]
+
+
+def model_roles(job) -> dict[str, str]:
+    """role -> reference for every model role the teacher stages of ``job`` will load (checked before any work)."""
+    roles = {}
+    if generates(job):
+        roles["diffusion"] = job.models.diffusion
+    for name in teachers_to_run(job):
+        roles.update({r: getattr(job.models, r) for r in TEACHERS[name].roles})
+    return roles
 
 
 def model_refs(job) -> list[str]:
     """Every model reference the teacher stages of ``job`` will load (checked before any work)."""
-    refs = []
-    if generates(job):
-        refs.append(job.models.diffusion)
-    for name in teachers_to_run(job):
-        refs += [getattr(job.models, r) for r in TEACHERS[name].roles]
-    return list(dict.fromkeys(refs))
+    return list(dict.fromkeys(model_roles(job).values()))
 
 
 def generates(job) -> bool:
