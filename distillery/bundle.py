@@ -129,15 +129,21 @@ def _check_wheel(path: Path) -> None:
                 raise RuntimeError(f"{path}: {n} imports torch; the runtime must not")
 
 
-def choose_golden_images(paths: RunPaths, report: dict, n: int = GOLDEN_IMAGES, seed: int = 0) -> list[str]:
+def choose_golden_images(paths: RunPaths, report: dict, n: int = GOLDEN_IMAGES, seed: int = 0,
+                         job=None) -> list[str]:
     """``n`` real domain images, class-balanced by pseudo-label (``teacher/pseudo_labels.parquet``); the export's
-    parity images when the run has no pseudo-labels."""
+    parity images when the run has no pseudo-labels. With ``job``, a row outside its run and data folders is
+    refused."""
     from distillery.export.images import balanced_sample
 
     rows = []
     if paths.pseudo_labels.is_file():
-        rows = [{"path": r["path"], "label": r["label"]} for r in read_table(paths.pseudo_labels, "pseudo labels")
-                if Path(r["path"]).is_file()]
+        rows = [{"path": r["path"], "label": r["label"]} for r in read_table(paths.pseudo_labels, "pseudo labels")]
+        if job is not None:
+            from distillery.images import check_table_paths
+
+            check_table_paths(job, rows, paths.pseudo_labels)
+        rows = [r for r in rows if Path(r["path"]).is_file()]
     if not rows:
         rows = [{"path": p, "label": 0} for p in report.get("parity_images", []) if Path(p).is_file()]
     if not rows:
@@ -230,7 +236,7 @@ def make_bundle(job, *, n_images: int = GOLDEN_IMAGES, progress: bool = True) ->
     from distillery.runtime import Classifier
 
     clf = Classifier.load(tmp / "model" / model_src.name, providers=["CPUExecutionProvider"])
-    chosen = choose_golden_images(paths, report, n_images, seed=job.seed)
+    chosen = choose_golden_images(paths, report, n_images, seed=job.seed, job=job)
     (tmp / "images").mkdir()
     (tmp / "golden").mkdir()
     copied, crops = [], []

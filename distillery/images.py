@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .rundir import IMAGE_EXTENSIONS, RunPaths, log, read_table, sha256_file, write_table
 
-__all__ = ["ImageSet", "load_rgb", "list_images", "unlabeled_set", "eval_set", "check_image"]
+__all__ = ["ImageSet", "load_rgb", "list_images", "unlabeled_set", "eval_set", "check_image", "check_table_paths"]
 
 
 def load_rgb(path: str | os.PathLike):
@@ -180,3 +180,32 @@ def _stat(p: Path) -> tuple[int, int]:
         return st.st_size, st.st_mtime_ns
     except OSError:
         return -1, -1
+
+
+def check_table_paths(job, rows: list[dict], table: str | os.PathLike, column: str = "path") -> None:
+    """Refuse a table row whose image path lies outside the run folder and the job's data folders.
+
+    Allowed: a path inside the run folder or ``data.unlabeled`` (after resolving ``..`` and links), a file the
+    listing of ``data.unlabeled`` reaches through a link, and with ``teacher.synth.source: table`` the images the
+    placed ``teacher/synthetic.parquet`` names. Raises ``ValueError`` naming the first offending row.
+    """
+    roots = [Path(job.run_path).resolve(), Path(job.data.unlabeled).resolve()]
+    extra: set[str] | None = None
+    for i, r in enumerate(rows):
+        p = r.get(column)
+        if not isinstance(p, str) or not p:
+            continue  # missing paths are the table validator's business
+        real = Path(p).resolve()
+        if any(real.is_relative_to(root) for root in roots):
+            continue
+        if extra is None:  # only when needed: links inside data.unlabeled, the placed synthetic table
+            files, _ = list_images(job.data.unlabeled, tuple(job.data.extensions))
+            extra = {str(f.resolve()) for f in files}
+            paths = RunPaths(job.run_path)
+            if job.teacher.synth.source == "table" and paths.synthetic.is_file():
+                extra |= {str(Path(x["path"]).resolve()) for x in read_table(paths.synthetic) if x.get("path")}
+        if str(real) in extra:
+            continue
+        raise ValueError(f"{str(table)!r} row {i} (path {p!r}): the image lies outside the run folder "
+                         f"{str(roots[0])!r} and data.unlabeled {str(roots[1])!r}, so it is not read. Rerun the teacher "
+                         "stage to rebuild the table, or put the image in data.unlabeled.")

@@ -191,7 +191,7 @@ class Job:
     # and the synthesis trick `all` then includes `class_prompt` (it is left out where a domain word is set).
     domain: str | None = None
     data: DataCfg = field(default_factory=DataCfg)
-    run_dir: str | None = None  # default: runs/<name> under the current folder
+    run_dir: str | None = None  # relative: from the job file's folder; default: runs/<name> under the current folder
     models: ModelsCfg = field(default_factory=ModelsCfg)
     teacher: TeacherCfg = field(default_factory=TeacherCfg)
     student: StudentCfg = field(default_factory=StudentCfg)
@@ -562,7 +562,8 @@ def job_from_dict(raw: dict, base: str | os.PathLike = ".", overrides: list[str]
     base = Path(base).resolve()
     job.data.unlabeled = _resolve_path(job.data.unlabeled, base) if job.data.unlabeled else ""
     job.data.eval = _resolve_path(job.data.eval, base)
-    job.run_dir = str(Path(job.run_dir).resolve()) if job.run_dir else str((Path("runs") / job.name).resolve())
+    # a run_dir given in the job is a path like any other (from the job file's folder); the default is not
+    job.run_dir = _resolve_path(job.run_dir, base) if job.run_dir else str((Path("runs") / job.name).resolve())
     for f in dataclasses.fields(ModelsCfg):
         setattr(job.models, f.name, resolve_model_ref(getattr(job.models, f.name), base))
     if job.student.pretrained:

@@ -53,7 +53,10 @@ def interleave(queues: list[list], n: int) -> list:
 def _domain_images(job, paths: RunPaths) -> tuple[list[dict], str]:
     """Rows {path, label} of real domain images: pseudo-labeled when the teacher ran, else the folder unlabeled."""
     if paths.pseudo_labels.is_file():
+        from distillery.images import check_table_paths
+
         rows = [{"path": r["path"], "label": r["label"]} for r in read_table(paths.pseudo_labels, "pseudo labels")]
+        check_table_paths(job, rows, paths.pseudo_labels)
         rows = [r for r in rows if Path(r["path"]).is_file()]
         if rows:
             return rows, "pseudo_labels"

@@ -253,6 +253,13 @@ class Classifier(BaseClassifier):
         # a model with the preprocessing inside its graph (export.preprocess_in_graph: model.pre.onnx) takes one
         # decoded uint8 RGB image (1, height, width, 3); the runtime then only decodes
         self.graph_preprocessing = metadata.get("input") == "image_uint8_nhwc" and inputs[0].type == "tensor(uint8)"
+        shape = inputs[0].shape
+        want = self.contract["input_size"]
+        if not self.graph_preprocessing and shape and len(shape) == 4:
+            graph = [d if isinstance(d, int) else None for d in shape[1:]]
+            if any(g is not None and g != w for g, w in zip(graph, want)):
+                raise ValueError(f"{path}: the metadata's input_size {list(want)} disagrees with the graph's input "
+                                 f"{list(shape)}; the file is inconsistent, re-export it with `distillery export`.")
         n_out = outputs[0].shape[-1] if outputs[0].shape else None
         if isinstance(n_out, int) and n_out != len(self.class_names):
             raise ValueError(f"{path}: the model outputs {n_out} logits but its metadata names "

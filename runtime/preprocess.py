@@ -71,6 +71,9 @@ def contract_from_data_config(data_config: dict[str, Any]) -> dict[str, Any]:
     return contract
 
 
+MAX_SIDE = 8192  # a network input side above this is a damaged contract, not a model (it would allocate GBs)
+
+
 def check_contract(contract: Any) -> dict[str, Any]:
     """Validate a preprocessing contract; raise ValueError naming the bad field."""
     if not isinstance(contract, dict):
@@ -82,13 +85,19 @@ def check_contract(contract: Any) -> dict[str, Any]:
                          "with `distillery export` so the metadata carries the whole contract.")
     size = contract["input_size"]
     if not (isinstance(size, list) and len(size) == 3 and size[0] == 3
-            and all(isinstance(v, int) and v > 0 for v in size)):
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
         raise ValueError(f"preprocess contract: input_size {size!r} must be [3, H, W] with positive integers.")
+    if max(size[1:]) > MAX_SIDE:
+        raise ValueError(f"preprocess contract: input_size {size!r} is absurd (a side over {MAX_SIDE} pixels); the "
+                         "metadata is damaged or was edited: re-export the model with `distillery export`.")
     resize = contract["resize"]
     ok_int = isinstance(resize, int) and not isinstance(resize, bool) and resize > 0
     ok_pair = isinstance(resize, list) and len(resize) == 2 and all(isinstance(v, int) and v > 0 for v in resize)
     if not (ok_int or ok_pair):
         raise ValueError(f"preprocess contract: resize {resize!r} must be a positive int or [h, w].")
+    if max([resize] if ok_int else resize) > 2 * MAX_SIDE:
+        raise ValueError(f"preprocess contract: resize {resize!r} is absurd (over {2 * MAX_SIDE} pixels); re-export "
+                         "the model with `distillery export`.")
     if contract["crop"] not in CROP_MODES:
         raise ValueError(f"preprocess contract: crop {contract['crop']!r} is not supported; "
                          f"the runtime implements {', '.join(CROP_MODES)}.")

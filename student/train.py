@@ -288,6 +288,9 @@ def _setup(job, key: str, eval_folders: list[str], progress: bool) -> _Setup:
     cfg = job.student
     num_classes = len(job.class_names)
     rows = read_manifest(paths.manifest, num_classes)
+    from distillery.images import check_table_paths
+
+    check_table_paths(job, rows, paths.manifest)  # a row edited to point elsewhere is refused, not trained on
     # List (never read) the evaluation set now, so a bad layout fails before hours of training.
     eval_items = list_eval_images(job.data.eval, eval_folders, job.data.extensions) if job.data.eval else []
     device = resolve_device(cfg.device)

@@ -228,3 +228,35 @@ def test_eval_folder_with_a_class_not_in_the_job(make_job, tmp_path):
     assert len(s) == 2 and [Path(p).name for p, why in s.skipped if "not a class" in why] == ["Volcano"]
     with pytest.raises(ValueError, match=r"data.eval: sub-folder\(s\) \['Volcano'\]"):  # student: refused
         list_eval_images(ev, ["Forest", "River"], job.data.extensions)
+
+
+def test_manifest_or_pseudo_label_row_pointing_outside_the_run_and_data_folders(tmp_path, tiny_models,
+                                                                                small_unlabeled, capfd):
+    """A row edited to point at a file elsewhere (a real, readable image) is refused naming the row, not trained
+    on; a link inside data.unlabeled to an image elsewhere stays allowed."""
+    from distillery.images import check_table_paths
+    from distillery.job import load_job
+    from distillery.rundir import write_table
+    from tests.test_student import SCHEMA, _rows
+
+    job_file = write_job(tmp_path, tiny_models, small_unlabeled, classes=["red", "green", "blue"])
+    rows = _rows(small_unlabeled)
+    outside = tmp_path / "elsewhere" / "secret.png"
+    outside.parent.mkdir()
+    shutil.copy(rows[5]["path"], outside)
+    shutil.copy(rows[6]["path"], tmp_path / "elsewhere" / "linked.png")
+    (small_unlabeled / "link.png").symlink_to(tmp_path / "elsewhere" / "linked.png")
+    job = load_job(job_file)
+    for ok in (small_unlabeled / "link.png", (small_unlabeled / "link.png").resolve()):  # via data.unlabeled
+        check_table_paths(job, [{"path": str(ok)}], "t")
+    sneaky = str(small_unlabeled / ".." / "elsewhere" / "secret.png")  # starts inside, ends outside
+    for bad in (str(outside), sneaky):
+        rows[5]["path"] = bad
+        write_table(RunPaths(tmp_path / "run").manifest, rows, schema=SCHEMA)
+        before = hashes(outside.parent, small_unlabeled)
+        clear_error(capfd, ["student", "--job", str(job_file), "--no-progress"], "manifest.parquet' row 5",
+                    bad, "outside the run folder")
+        assert hashes(outside.parent, small_unlabeled) == before
+        assert not (tmp_path / "run" / "student" / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="pseudo_labels.parquet' row 0"):
+        check_table_paths(job, [{"path": str(outside)}], RunPaths(job.run_path).pseudo_labels)

@@ -105,3 +105,15 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     assert job.teacher.lora.lr == 1e-4 and job.student.lr == 1e-3
     with pytest.raises(JobError, match="student.lr: expected a number, got 'fast'"):
         load_job(p, ["student.lr=fast"])
+
+
+def test_relative_run_dir_is_from_the_job_files_folder_and_the_default_from_the_current_one(tmp_path, raw,
+                                                                                            monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    job = load_job(write_job(tmp_path, {**raw, "run_dir": "out/run1"}))
+    assert job.run_dir == str((tmp_path / "out" / "run1").resolve())
+    assert job.run_path == (tmp_path / "out" / "run1").resolve()
+    job = load_job(write_job(tmp_path, raw))  # no run_dir: runs/<name> under the current folder, as documented
+    assert job.run_dir == str((elsewhere / "runs" / "j").resolve())

@@ -350,3 +350,35 @@ def test_installed_tensorrt_version_matches_the_package():
         assert installed_tensorrt_version() is None
     else:  # pragma: no cover - only where TensorRT is installed
         assert installed_tensorrt_version() == tensorrt.__version__
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged metadata
+
+
+def _with_contract(path, **changes):
+    import onnx
+
+    model = onnx.load(str(path))
+    for prop in model.metadata_props:
+        if prop.key == "distillery":
+            meta = json.loads(prop.value)
+            meta["preprocess"].update(changes)
+            prop.value = json.dumps(meta)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"input_size": [3, 100000, 100000], "resize": 100000}, "absurd"),
+    ({"input_size": [3, 48, 48], "resize": 54}, r"input_size \[3, 48, 48\] disagrees with the graph's input"),
+])
+def test_metadata_input_size_absurd_or_not_the_graphs(model_path, changes, needle, capsys):
+    _with_contract(model_path, **changes)
+    with pytest.raises(ValueError, match=needle):
+        Classifier.load(model_path, providers=CPU)
+    img = model_path.parent / "x.png"
+    random_image(40, 40).save(img)
+    assert run_main([str(model_path), str(img)]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and ("absurd" in err or "disagrees" in err), err
