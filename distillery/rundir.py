@@ -236,6 +236,27 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def canonical_safetensors(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors file's JSON header in one fixed order (metadata keys sorted, tensors by offset).
+
+    safetensors keeps the metadata in a Rust HashMap, whose order is seeded per process: the same adapter got
+    other bytes (and another sha256, which e.g. the synthetic images are keyed on) in every process. Offsets are
+    relative to the end of the header, so only the header changes; loaders read the same tensors and metadata.
+    """
+    import struct
+
+    path = Path(path)
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    out = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
+    out.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"][0], kv[0])))
+    text = json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+
+
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 

@@ -618,7 +618,7 @@ def save_context(path: str | Path, ctx, meta: dict[str, Any]) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from distillery.rundir import atomic_path
+    from distillery.rundir import atomic_path, canonical_safetensors
 
     ctx = torch.as_tensor(ctx).detach().float().cpu().contiguous()
     if "class_names" not in meta:
@@ -628,6 +628,7 @@ def save_context(path: str | Path, ctx, meta: dict[str, Any]) -> None:
               ctx_init=json.dumps(meta.get("ctx_init", "")))
     with atomic_path(path) as tmp:
         save_file({"ctx": ctx}, str(tmp), metadata=md)
+        canonical_safetensors(tmp)  # the same context gives the same bytes in every process
 
 
 def load_context(path: str | Path):

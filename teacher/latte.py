@@ -648,7 +648,7 @@ def run_latte(ctx) -> TeacherResult:
     from safetensors.torch import save_file
 
     from distillery.models import load_clip
-    from distillery.rundir import atomic_path
+    from distillery.rundir import atomic_path, canonical_safetensors
 
     from .clip import encode_texts, prediction_sets, result_from_sets
 
@@ -675,6 +675,7 @@ def run_latte(ctx) -> TeacherResult:
     with atomic_path(ctx.out_dir / "prototypes.safetensors") as tmp:
         save_file({"prototypes": protos.detach().cpu().contiguous()}, str(tmp),
                   metadata={"class_names": json.dumps(job.class_names), "class_texts": json.dumps(class_texts)})
+        canonical_safetensors(tmp)  # the same prototypes give the same bytes in every process
     tables = {"descriptions": {"sha256": list(ctx.images.sha256), "zero_shot_label": zs.tolist(),
                                "image_text": image_texts, "group_text": group_texts}}
     info = {"descriptions": counts, "steps": sum(h.get("steps", 0) for h in hist) if hist else 0,

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from distillery.rundir import LORA_WEIGHT_NAME as WEIGHT_NAME  # diffusers' default name, read by load_lora_weights
-from distillery.rundir import RunPaths, is_done, log, mark_done, read_json, save_resolved_job, sha256_file, \
-    stage_key, write_json
+from distillery.rundir import RunPaths, canonical_safetensors, is_done, log, mark_done, read_json, save_resolved_job, \
+    sha256_file, stage_key, write_json
 
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what the UNet predicts (the scheduler's prediction_type)
@@ -94,12 +94,17 @@ def save_lora(pipe, folder: str | os.PathLike) -> Path:
     unet = pipe.unet
     layers = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
     # The adapter config (alpha, target modules) travels in the safetensors metadata, so alpha != rank loads right.
-    meta = unet.peft_config["default"].to_dict()
+    # Sets (target_modules) as sorted lists: diffusers writes list(set), whose order changes with the process's
+    # string hash seed, so the same adapter would get another file (and sha256) in every process.
+    meta = {k: sorted(v) if isinstance(v, (set, frozenset)) else v
+            for k, v in unet.peft_config["default"].to_dict().items()}
     with tempfile.TemporaryDirectory(dir=folder, prefix=".save-") as tmp:
         StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, unet_lora_adapter_metadata=meta,
                                                   weight_name=WEIGHT_NAME, safe_serialization=True)
+        canonical_safetensors(Path(tmp) / WEIGHT_NAME)
         os.replace(Path(tmp) / WEIGHT_NAME, folder / WEIGHT_NAME)
     return folder / WEIGHT_NAME
+
 
 
 def load_lora(pipe, weights: str | os.PathLike) -> None:

@@ -676,7 +676,7 @@ def save_head(path: Path, head, text, featurizer, meta: dict) -> None:
 
     from safetensors.torch import save_file
 
-    from distillery.rundir import atomic_path
+    from distillery.rundir import atomic_path, canonical_safetensors
 
     tensors = {f"head.{k}": v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
     tensors["classifier"] = text.detach().float().cpu().contiguous()
@@ -686,6 +686,7 @@ def save_head(path: Path, head, text, featurizer, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+        canonical_safetensors(tmp)  # the same head gives the same bytes in every process
 
 
 def prompt_mentions_class(prompt: str, class_names: Sequence[str]) -> list[str]:

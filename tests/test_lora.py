@@ -186,3 +186,35 @@ def test_bad_lora_settings_fail_with_the_key(make_job, key, value, match):
 
     with pytest.raises(JobError, match=match):
         make_job({key: value})
+
+
+SAVE_IN_FRESH_PROCESS = """
+import sys, types
+from diffusers import UNet2DConditionModel
+from distillery.teacher import lora
+unet = UNet2DConditionModel.from_pretrained(sys.argv[1], subfolder="unet")
+lora.add_lora(unet, rank=4, alpha=8.0, seed=0)
+print(lora.save_lora(types.SimpleNamespace(unet=unet), sys.argv[2]))
+"""
+
+
+def test_same_settings_give_byte_identical_files_in_fresh_processes(tiny_models, tmp_path):
+    """The safetensors metadata holds target_modules as a set; saved in set order, its bytes (and the sha256 the
+    synthetic images are keyed on) changed with each process's string hash seed."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    files = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / f"save{seed}"
+        subprocess.run([sys.executable, "-c", SAVE_IN_FRESH_PROCESS, str(tiny_models["diffusion"]), str(out)],
+                       check=True, capture_output=True, env={**os.environ, "PYTHONHASHSEED": seed,
+                                                             "OMP_NUM_THREADS": "1"}, timeout=300)
+        files.append(out / lora.WEIGHT_NAME)
+    assert len({sha256_file(f) for f in files}) == 1
+    with safe_open(str(files[0]), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert meta["unet.target_modules"] == sorted(meta["unet.target_modules"])
