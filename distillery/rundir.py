@@ -18,6 +18,7 @@ runs/<job>/teacher/report.md                 what the teacher stages made
 runs/<job>/student/model.safetensors, config.json, metrics.json, report.md, confusion.png
 runs/<job>/export/model.onnx (+ model.fp16.onnx, model.int8.onnx), report.json
 runs/<job>/report.html                       the run report: every stage that ran, one self-contained page
+runs/<job>/.lock                             while a stage command runs: its pid, host, start time, command
 ```
 
 Stages talk only through these files; :class:`RunPaths` names every one of them, so no stage writes a
@@ -433,11 +434,15 @@ def run_lock(run_path: str | os.PathLike, command: str = "") -> Iterator[Path]:
     The lock file is created atomically (``O_CREAT | O_EXCL``) and records the holder (pid, host, start time,
     command). A second run stops at once with :class:`RunLockError` naming the holder. A lock left by a dead
     process on this host (pid not alive, or alive with another start time) is taken over, with a log line.
-    Re-entrant within one process. A run folder the lock created and left empty is removed again.
+    Re-entrant within one process; torchrun workers other than rank 0 do not take it. A run folder the lock
+    created and left empty is removed again.
     """
     import datetime
     import socket
 
+    if os.environ.get("RANK", "0") != "0":  # a torchrun worker: its rank 0 holds the folder for the launch
+        yield Path(run_path) / LOCK_NAME
+        return
     root = Path(run_path)
     created_root = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
