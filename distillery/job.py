@@ -506,6 +506,11 @@ def _validate_teachers(job: Job) -> None:
             raise JobError(str(e)) from e
     running = teachers_to_run(job)
     for name in running:
+        for col in job.teacher.settings(name).reads():
+            owner = all_columns().get(col)
+            if owner is None or owner not in running or running.index(owner) > running.index(name):
+                raise JobError(f"teacher.{name}: reads the column {col!r}, which no teacher running before it writes "
+                               f"(running: {', '.join(running)}); enable its teacher or choose another column.")
         if "synthetic" in TEACHERS[name].needs and not job.teacher.synth.enabled:
             raise JobError(f"teacher.{name}: needs the synthetic images, but teacher.synth.enabled is false; enable "
                            f"synthesis (or teacher.synth.source=table) or set teacher.{name}.enabled=false.")

@@ -52,6 +52,12 @@ class TeacherSettings:
     def check(self, key: str) -> None:
         """Raise ValueError naming ``{key}.<field>``, the value and the fix; the base checks nothing."""
 
+    def reads(self) -> list[str]:
+        """Probability columns of other teachers these settings make the teacher read (beyond its registered
+        needs): they order it after those teachers and enter its stamp, but it does not *build on* them (the
+        default ensemble still counts both). The base reads none."""
+        return []
+
 
 @dataclass(frozen=True)
 class TeacherSpec:
@@ -105,8 +111,10 @@ def column_owner(column: str) -> str | None:
     return all_columns().get(column)
 
 
-def teacher_order(names: list[str]) -> list[str]:
-    """``names`` plus everything they need, dependencies first (stable: registration order otherwise)."""
+def teacher_order(names: list[str], reads: dict[str, list[str]] | None = None) -> list[str]:
+    """``names`` plus everything they need, dependencies first (stable: registration order otherwise).
+
+    ``reads``: teacher -> other teachers whose columns its settings read; those come first too, when they run."""
     order: list[str] = []
     visiting: list[str] = []
 
@@ -120,6 +128,9 @@ def teacher_order(names: list[str]) -> list[str]:
         visiting.append(n)
         for d in TEACHERS[n].teacher_needs:
             visit(d)
+        for d in (reads or {}).get(n, []):
+            if d in names:
+                visit(d)
         visiting.pop()
         order.append(n)
 
@@ -166,9 +177,17 @@ def ensemble_weights(job, probs: dict[str, np.ndarray] | None = None) -> tuple[d
     return {c: 1.0 for c in cols}, why
 
 
+def read_teachers(job, name: str) -> list[str]:
+    """The teachers whose columns teacher ``name``'s settings read (see :meth:`TeacherSettings.reads`)."""
+    owners = all_columns()
+    return [owners[c] for c in job.teacher.settings(name).reads() if c in owners]
+
+
 def teachers_to_run(job) -> list[str]:
     """The enabled teachers of ``job`` and what they need, in the order they run."""
-    return teacher_order([n for n in TEACHERS if job.teacher.settings(n).enabled])
+    enabled = [n for n in TEACHERS if job.teacher.settings(n).enabled]
+    needed = teacher_order(enabled)
+    return teacher_order(needed, {n: read_teachers(job, n) for n in needed})
 
 
 @dataclass
@@ -287,6 +306,7 @@ def run_teachers(job, images, eval_images, executor, progress: bool = True, synt
             raise ValueError(f"teacher.{name}: needs the synthetic set, but there is none; enable teacher.synth "
                              f"(or provide {str(paths.synthetic)!r}), or set teacher.{name}.enabled=false.")
         inputs = [paths.probs(c) for d in spec.teacher_needs for c in TEACHERS[d].columns]
+        inputs += [paths.probs(c) for c in cfg.reads() if paths.probs(c) not in inputs]
         if "synthetic" in spec.needs and synthetic_file is not None:
             inputs.append(synthetic_file)
         key = teacher_key(job, spec, images, eval_images, inputs, syn_images)

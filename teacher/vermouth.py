@@ -73,12 +73,21 @@ class VermouthSettings(TeacherSettings):
     lr: float = 1e-4  # AdamW learning rate (paper 1e-5 over 100 epochs; the head starts random here)
     weight_decay: float = 5e-4  # AdamW weight decay (paper Table 7)
     train_unet_norms: bool = False  # also train UNet params named "norm" (paper); no feature cache then, slow on CPU
+    real_pseudo_labels: float = 0.0  # also train on the real images whose pseudo-label (argmax of pseudo_label_column) has at least this probability; 0 = synthetic images only
+    pseudo_label_column: str = "clip"  # where those pseudo-labels come from: a column of a teacher that runs before Vermouth
     feature_batch_size: int = 16  # images per VAE + UNet batch when computing features
     seed: int | None = None  # head initialisation and data order; None = the job seed
+
+    def reads(self) -> list[str]:
+        return [self.pseudo_label_column] if self.real_pseudo_labels > 0 else []
 
     def check(self, key: str = KEY) -> None:
         def bad(name: str, value: Any, fix: str) -> ValueError:
             return ValueError(f"{key}.{name}: {value!r} {fix}")
+
+        if not 0.0 <= self.real_pseudo_labels <= 1.0:
+            raise bad("real_pseudo_labels", self.real_pseudo_labels, "must be a probability in [0, 1] (0 = train on "
+                      "the synthetic images only).")
 
         if self.resolution < 8 or self.resolution % 8:
             raise bad("resolution", self.resolution, "must be a positive multiple of 8 (the VAE's downsampling); "
@@ -493,6 +502,21 @@ def _levels_of(job, resolution: int) -> list[Level]:
     return feature_shapes(ucfg, resolution, 2 ** (len(vcfg["block_out_channels"]) - 1))
 
 
+def confident_training_set(sets: dict, labels: np.ndarray, column: np.ndarray | None, threshold: float):
+    """(ImageSet, labels): the synthetic images with their generating class, followed by the real images whose
+    pseudo-label (argmax of ``column``, rows = ``sets["real"]``) has probability >= ``threshold`` (none when the
+    threshold is 0 or there is no column)."""
+    from distillery.images import ImageSet
+
+    syn, real = sets["synthetic"], sets["real"]
+    if threshold <= 0 or column is None:
+        return syn, np.asarray(labels)
+    column = np.asarray(column)
+    keep = np.flatnonzero(column.max(axis=1) >= threshold)
+    train = ImageSet(list(syn.paths) + [real.paths[i] for i in keep], list(syn.sha256) + [real.sha256[i] for i in keep])
+    return train, np.concatenate([np.asarray(labels), column[keep].argmax(axis=1)]).astype(np.int64)
+
+
 @register_teacher("vermouth", settings=VermouthSettings, roles=("diffusion", "expert", "clip"), needs=("synthetic",),
                   columns=("vermouth",))
 def run_vermouth(ctx) -> TeacherResult:
@@ -610,8 +634,11 @@ def run_vermouth(ctx) -> TeacherResult:
 
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    y_all = torch.as_tensor(labels, device=device)
-    syn = sets["synthetic"]
+    syn, train_labels = confident_training_set(sets, labels, ctx.columns.get(cfg.pseudo_label_column),
+                                               cfg.real_pseudo_labels)
+    info["real_training_images"] = len(syn) - len(rows)
+    rows = [None] * len(syn)  # the training rows: synthetic first, then the confident real images
+    y_all = torch.as_tensor(train_labels, device=device)
     steps = math.ceil(len(rows) / cfg.batch_size)
     hist = {"epoch": [], "loss": [], "train_accuracy": []}
     t1 = time.perf_counter()
@@ -641,7 +668,7 @@ def run_vermouth(ctx) -> TeacherResult:
         raise FloatingPointError(f"{KEY}: the training loss became {hist['loss'][-1]}; lower {KEY}.lr (now {cfg.lr}).")
     head.eval()
     info.update(train_seconds=round(time.perf_counter() - t1, 2), loss_first=hist["loss"][0],
-                loss_last=hist["loss"][-1], synthetic_images=len(rows))
+                loss_last=hist["loss"][-1], synthetic_images=len(rows) - info["real_training_images"])
 
     def predict(image_set) -> np.ndarray:
         out = []
@@ -663,7 +690,8 @@ def run_vermouth(ctx) -> TeacherResult:
     if featurizer is not None:
         featurizer.remove()
     info["seconds_total"] = round(time.perf_counter() - t0, 2)
-    log(f"vermouth: {len(rows)} synthetic images x {cfg.epochs} epochs, loss {hist['loss'][0]:.4f} -> "
+    log(f"vermouth: {info['synthetic_images']} synthetic + {info['real_training_images']} confident real images "
+        f"x {cfg.epochs} epochs, loss {hist['loss'][0]:.4f} -> "
         f"{hist['loss'][-1]:.4f}; features {info.get('features_computed')} computed"
         + (f" ({info['features_per_s']} img/s)" if info.get("features_per_s") else ""))
     return TeacherResult(probs={"vermouth": probs}, eval_probs=eval_probs, tables={"training": hist}, info=info)

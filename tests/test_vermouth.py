@@ -293,3 +293,40 @@ def test_train_unet_norms_recomputes_features_and_saves_the_norms(make_job):
     with safe_open(str(paths.teacher_dir("vermouth") / "head.safetensors"), framework="pt") as f:
         unet_keys = [k for k in f.keys() if k.startswith("unet.")]
     assert unet_keys and all("norm" in k for k in unet_keys)
+
+
+def test_confident_real_pseudo_labels_join_the_training_set():
+    import numpy as np
+
+    from distillery.images import ImageSet
+    from distillery.teacher.vermouth import confident_training_set
+
+    syn = ImageSet(["s0", "s1"], ["a", "b"])
+    real = ImageSet(["r0", "r1", "r2"], ["c", "d", "e"])
+    col = np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8]])
+    train, y = confident_training_set({"synthetic": syn, "real": real}, np.array([0, 1]), col, 0.7)
+    assert train.sha256 == ["a", "b", "c", "e"] and y.tolist() == [0, 1, 0, 1]
+    train, y = confident_training_set({"synthetic": syn, "real": real}, np.array([0, 1]), col, 0.0)
+    assert train.sha256 == ["a", "b"] and y.tolist() == [0, 1]
+
+
+def test_real_pseudo_labels_order_and_stamp(make_job):
+    """The setting makes Vermouth read the clip column: it runs after clip, reads its file for its stamp, and
+    the default ensemble still fuses air_prompt and vermouth (reading is not building on)."""
+    import pytest
+
+    from distillery.job import JobError
+    from distillery.rundir import RunPaths, read_json
+    from distillery.teacher import run_teacher
+    from distillery.teacher.base import ensemble_weights, teachers_to_run
+
+    job = make_job({"teacher.synth.images_per_class": 2, "teacher.vermouth.real_pseudo_labels": 0.3,
+                    "teacher.air.enabled": False})
+    order = teachers_to_run(job)
+    assert order.index("clip") < order.index("vermouth")
+    assert set(ensemble_weights(job)[0]) == {"clip", "vermouth"}
+    run_teacher(job, progress=False)
+    st = read_json(RunPaths(job.run_path).teacher / ".teacher-vermouth.stamp.json")
+    assert st["synthetic_images"] == 6 and st["real_training_images"] > 0
+    with pytest.raises(JobError, match="reads the column 'latte'"):
+        make_job({"teacher.vermouth.real_pseudo_labels": 0.3, "teacher.vermouth.pseudo_label_column": "latte"})
