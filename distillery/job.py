@@ -184,6 +184,15 @@ class ExportCfg:
 
 
 @dataclass
+class RayCfg:
+    # executor: ray (the distillery[ray] extra): the teachers' per-image work on a pool of model-holding Ray actors
+    address: str | None = None  # a Ray cluster ("ray://host:10001" or "auto"); null = RAY_ADDRESS, else a local Ray
+    workers: int | None = None  # actors; null = one per GPU (gpus_per_worker > 0) or one per cpus_per_worker CPUs
+    cpus_per_worker: float = 1.0  # CPUs each actor reserves (and its torch threads)
+    gpus_per_worker: float = 0.0  # GPUs each actor reserves (e.g. 1; 0 on CPU machines)
+
+
+@dataclass
 class Job:
     name: str = ""
     classes: list[ClassSpec] = field(default_factory=list)
@@ -197,7 +206,8 @@ class Job:
     student: StudentCfg = field(default_factory=StudentCfg)
     export: ExportCfg = field(default_factory=ExportCfg)
     seed: int = 0
-    executor: str = "local"  # where the teachers' per-image work runs: local (this process)
+    executor: str = "local"  # where the teachers' per-image work runs: local (this process) or ray (see ray)
+    ray: RayCfg = field(default_factory=RayCfg)
     source: str | None = None  # path of the job file (filled in by load_job)
 
     @property
@@ -412,6 +422,10 @@ def validate(job: Job) -> Job:
 
     if job.executor not in EXECUTORS:
         raise JobError(f"executor: unknown executor {job.executor!r}; choose from {', '.join(EXECUTORS)}.")
+    if job.ray.workers is not None and job.ray.workers < 1 or job.ray.cpus_per_worker <= 0 \
+            or job.ray.gpus_per_worker < 0:
+        raise JobError(f"ray: workers must be >= 1 or null, cpus_per_worker > 0, gpus_per_worker >= 0; got "
+                       f"{job.ray.workers}, {job.ray.cpus_per_worker}, {job.ray.gpus_per_worker}.")
     s = job.teacher.synth
     if s.source not in ("generate", "table"):
         raise JobError(f"teacher.synth.source: unknown value {s.source!r}; choose generate (run the diffusion model) "
