@@ -88,8 +88,11 @@ class ImageSet:
 
 
 def _scan(folder: str, extensions, known: dict[str, str | None], what: str,
-          hashes_of_skipped: dict[str, str] | None = None) -> ImageSet:
-    files, skipped = list_images(folder, extensions)
+          hashes_of_skipped: dict[str, str] | None = None, listing=None) -> ImageSet:
+    """Hash and decode-check the images of ``folder`` (``listing``: its :func:`list_images` result, when the
+    caller has it already)."""
+    files, skipped = listing if listing is not None else list_images(folder, extensions)
+    skipped = list(skipped)
     paths, hashes = [], []
     for p in files:
         try:
@@ -123,8 +126,8 @@ def unlabeled_set(job, record: bool = True) -> ImageSet:
     """
     folder, exts = job.data.unlabeled, tuple(job.data.extensions)
     paths = RunPaths(job.run_path)
-    files, _ = list_images(folder, exts)
-    stat = tuple((str(p), *_stat(p)) for p in files)
+    listing = list_images(folder, exts)
+    stat = tuple((str(p), *_stat(p)) for p in listing[0])
     key = (str(folder), exts, str(job.run_path), stat)
     if key in _CACHE:
         return _CACHE[key]
@@ -135,7 +138,7 @@ def unlabeled_set(job, record: bool = True) -> ImageSet:
         except Exception:  # noqa: BLE001 - an unreadable index only costs a re-check
             known = {}
     skipped_sha: dict[str, str] = {}
-    s = _scan(folder, exts, known, "data.unlabeled", skipped_sha)
+    s = _scan(folder, exts, known, "data.unlabeled", skipped_sha, listing)
     if not len(s):
         why = f"; {len(s.skipped)} file(s) could not be read, e.g. {s.skipped[0][0]!r}: {s.skipped[0][1]}" \
             if s.skipped else ""
