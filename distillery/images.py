@@ -131,12 +131,13 @@ def unlabeled_set(job, record: bool = True) -> ImageSet:
     key = (str(folder), exts, str(job.run_path), stat)
     if key in _CACHE:
         return _CACHE[key]
-    known: dict[str, str | None] = {}
-    if paths.images_index.is_file():  # decode verdicts of an earlier run, by content hash
+    old = None  # the earlier run's index: its decode verdicts by content hash, and whether to rewrite it
+    if paths.images_index.is_file():
         try:
-            known = {r["sha256"]: r["skipped"] for r in read_table(paths.images_index) if r["sha256"]}
+            old = read_table(paths.images_index)
         except Exception:  # noqa: BLE001 - an unreadable index only costs a re-check
-            known = {}
+            old = None
+    known: dict[str, str | None] = {r["sha256"]: r["skipped"] for r in old or [] if r["sha256"]}
     skipped_sha: dict[str, str] = {}
     s = _scan(folder, exts, known, "data.unlabeled", skipped_sha, listing)
     if not len(s):
@@ -147,7 +148,6 @@ def unlabeled_set(job, record: bool = True) -> ImageSet:
     if record:
         rows = [{"path": str(p.resolve()), "sha256": h, "skipped": None} for p, h in zip(s.paths, s.sha256)]
         rows += [{"path": p, "sha256": skipped_sha.get(p), "skipped": why} for p, why in s.skipped]
-        old = read_table(paths.images_index) if paths.images_index.is_file() else None
         if old != rows:
             write_table(paths.images_index, {k: [r[k] for r in rows] for k in ("path", "sha256", "skipped")})
     _CACHE[key] = s

@@ -696,10 +696,9 @@ def run_air(ctx) -> TeacherResult:
     seed = cfg.seed if cfg.seed is not None else job.seed
     model, preprocess, tokenizer = load_clip(job.models.clip, device=device)
     batch = job.teacher.clip.batch_size
-    sets = prediction_sets(ctx)
-    feats = dict(zip(sets, image_features(ctx, job.models.clip, preprocess, device, batch, list(sets.values()))))
+    from distillery.images import ImageSet
+
     rows = ctx.synthetic or []
-    syn_feats = feats["synthetic"] if "synthetic" in feats else np.zeros((0, 1), np.float32)
     names = job.class_names
     counts = np.bincount([r["class_index"] for r in rows], minlength=len(names)) if rows else np.zeros(len(names))
     if (counts == 0).any():
@@ -710,12 +709,11 @@ def run_air(ctx) -> TeacherResult:
     # (teacher.synth.keep_full_size), not from the output_size copies the student trains on.
     proto_paths = [r.get("full_path") or r["path"] for r in rows]
     proto_sha = [r.get("full_sha256") or r["sha256"] for r in rows]
-    proto_feats = syn_feats
-    if any(r.get("full_path") for r in rows):
-        from distillery.images import ImageSet
-
-        proto_feats = image_features(ctx, job.models.clip, preprocess, device, batch,
-                                     [ImageSet([Path(x) for x in proto_paths], proto_sha)])[0]
+    sets = prediction_sets(ctx)
+    protos_set = ImageSet([Path(x) for x in proto_paths], proto_sha)
+    all_feats = image_features(ctx, job.models.clip, preprocess, device, batch, [*sets.values(), protos_set])
+    feats = dict(zip(sets, all_feats[:-1]))  # one pass through the feature store for every image set
+    proto_feats = all_feats[-1]
     try:
         protos, chosen_rows = build_prototypes(proto_feats, [r["class_index"] for r in rows], len(names), cfg.k, cfg.m,
                                                tricks, cfg.prototype_tricks, return_rows=True)
