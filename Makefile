@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 JOB ?= examples/eurosat-tiny.yaml
 ARGS ?=
+NPROC ?= 1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.distillery-installed
 TINY := models/tiny/.built
@@ -48,8 +49,9 @@ standin-models: $(STAMP)
 teacher: $(STAMP) $(if $(findstring tiny,$(JOB)),$(TINY))
 	$(BIN)/distillery teacher --job $(JOB) $(ARGS)
 
+# NPROC=N trains in N processes (torchrun + DistributedDataParallel; gloo on CPU, NCCL on CUDA).
 student: $(STAMP)
-	$(BIN)/distillery student --job $(JOB) $(ARGS)
+	$(BIN)/distillery student --job $(JOB) --nproc $(NPROC) $(ARGS)
 
 export: $(STAMP)
 	$(BIN)/distillery export --job $(JOB) $(ARGS)

@@ -2,6 +2,7 @@
 
     distillery teacher --job examples/eurosat-tiny.yaml            # synthetic set, pseudo-labels, manifest
     distillery student --job examples/eurosat-tiny.yaml student.epochs=5
+    distillery student --job examples/eurosat-tiny.yaml --nproc 2  # two processes (torchrun, DDP)
     distillery export  --job examples/eurosat-tiny.yaml
     distillery run runs/eurosat-tiny/export image.jpg            # classify images (runtime only, no torch)
     distillery bundle --job examples/eurosat-tiny.yaml             # runs/<job>/bundle/: model, wheel, smoke test
@@ -59,8 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--dry-run", action="store_true",
                     help="print per stage the images, UNet evaluations and an estimated time (from a short timed "
                          "calibration run) without writing the run folder")
-    _stage_parser(sub, "student", "train the timm student on the manifest",
-                  "Train the student (a timm model) on teacher/manifest.parquet; evaluates on data.eval when set.")
+    sp = _stage_parser(sub, "student", "train the timm student on the manifest",
+                       "Train the student (a timm model) on teacher/manifest.parquet; evaluates on data.eval when set.")
+    sp.add_argument("--nproc", type=int, default=1, metavar="N",
+                    help="train in N processes with torchrun and DistributedDataParallel (gloo on CPU, NCCL on "
+                         "CUDA); the global batch stays student.batch_size, split over the processes (default 1)")
     _stage_parser(sub, "export", "export the student to ONNX and check parity",
                   "Export the student to ONNX with its preprocessing and class names in the metadata, and check "
                   "parity against PyTorch on real domain images. With int8 in export.formats the INT8 model is "
@@ -189,6 +193,19 @@ def main(argv: list[str] | None = None) -> int:
 
         check_local_models(_roles_for(job, args.command))  # a model path that points nowhere: before any work
         prepare_hub_access(_refs_for(job, args.command))
+        nproc = getattr(args, "nproc", 1)
+        if args.command == "student":
+            from distillery.student.dist import check_nproc
+
+            warning = check_nproc(nproc)
+            if job.student.batch_size < 2 * nproc:
+                raise ValueError(f"student.batch_size={job.student.batch_size} with --nproc {nproc}: each process "
+                                 f"needs at least 2 images per step; set student.batch_size >= {2 * nproc} or use "
+                                 "fewer processes.")
+            if warning:
+                from .rundir import log
+
+                log(warning)
         progress = not args.no_progress
         if not progress:  # also the Hugging Face libraries' own loading bars
             import os
@@ -207,6 +224,15 @@ def main(argv: list[str] | None = None) -> int:
 
                 make_bundle(job, n_images=args.images, progress=progress)
                 return 0
+            if args.command == "student" and nproc > 1:
+                from distillery.student.dist import launch
+
+                rc = launch(args.job, args.overrides, nproc, progress)
+                _refresh_report(args, job)
+                if rc != 0:
+                    print(f"error: the student stage failed in one of its {nproc} processes (torchrun exit code "
+                          f"{rc}; see the log above); rerun the same command to resume.", file=sys.stderr)
+                return 0 if rc == 0 else 1
             try:
                 _run_stage(args.command, job, progress)
             except KeyboardInterrupt:

@@ -25,8 +25,16 @@ run with any number of DataLoader workers) sees exactly the batches an uninterru
 
 Structure: ``train_student`` checks the stamp, then ``_setup`` (manifest, model, data, optimiser, resume state),
 ``_fit`` (the epoch loop with its checkpoints) and ``_finalize`` (weights, config, evaluation, metrics, report).
-Every file is written by rank 0 only (``student/dist.py``): the seam for a ``torchrun`` launch; training itself
-is not data-parallel yet.
+
+Several processes (``distillery student --nproc N``, ``student/dist.py``): the global batch stays
+``student.batch_size`` and each rank takes a strided share of every global batch of the same ``(seed, epoch)``
+permutation, so steps per epoch, the learning rate and its schedule mean what they mean in one process. Each
+rank's loss is rescaled by its share of the batch's total weight, so DDP's gradient average is the gradient of the
+global batch's weighted mean loss. Differences from one process: BatchNorm statistics are per rank (rank 0's
+running buffers are broadcast), mixup/CutMix pair images within a rank's share, a last partial batch smaller than
+2 images per rank is dropped, and sums are reduced in another order (weights agree to float rounding, not bits).
+Rank 0 alone writes files, builds the decode cache (the others wait, then read it) and evaluates on data.eval;
+every rank resumes from the same checkpoint. ``--nproc 1`` is the single-process path, untouched.
 """
 from __future__ import annotations
 
@@ -45,7 +53,7 @@ from distillery.rundir import (RunPaths, atomic_path, clean_temp_files, is_done,
                                save_resolved_job, stage_key, stamp_path, write_json)
 
 from .data import ImageListDataset, ManifestDataset, eval_transform, list_eval_images, read_manifest, train_transform
-from .dist import is_main
+from .dist import all_reduce_sum, barrier, get_dist_info, is_main, kill_hook
 from .loss import distillation_loss
 from .model import build_student, pretrained_files, student_data_config
 
@@ -187,12 +195,20 @@ def _prepare_cache(job, rows: list[dict], data_config: dict, progress: bool):
         r["sha256"] = actual
         if actual not in cache:
             todo.append((actual, r["path"]))
-    if not is_main():  # rank 0 builds the cache (with torchrun, the others wait for it and reread its index)
-        return cache
-    if todo:
-        log(f"student: decoding {len(todo)} images once into {cache.folder} ({size}x{size} uint8; "
-            f"{len(cache)} already there).")
-    cache.add(todo, progress=progress)
+    if is_main():  # rank 0 builds the cache; with torchrun the others wait for it, then reread its index
+        if todo:
+            log(f"student: decoding {len(todo)} images once into {cache.folder} ({size}x{size} uint8; "
+                f"{len(cache)} already there).")
+        cache.add(todo, progress=progress)
+    if get_dist_info()[1] > 1:
+        barrier()
+        if not is_main():
+            cache = DecodeCache(root, size, data_config["interpolation"])
+            missing = [sha for sha, _ in todo if sha not in cache]
+            if missing:
+                raise RuntimeError(f"student: rank {get_dist_info()[0]} finds {len(missing)} images missing from the "
+                                   f"decode cache {cache.folder} that rank 0 built; is student.cache_dir on a folder "
+                                   "every process sees?")
     return cache
 
 
@@ -263,8 +279,9 @@ class _Setup:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     ema: Any  # timm ModelEmaV3 or None
-    forward: Any  # the model, or its torch.compile wrapper
+    forward: Any  # the model (DistributedDataParallel-wrapped with several processes), or its torch.compile wrapper
     ckpt_path: Path
+    world_size: int = 1  # processes training together (torchrun); 1 = the single-process path
     start_epoch: int = 0
     start_step: int = 0
     history: list[dict] = field(default_factory=list)
@@ -305,7 +322,12 @@ def _setup(job, key: str, eval_folders: list[str], progress: bool) -> _Setup:
     cache = _prepare_cache(job, rows, data_config, progress) if cfg.cache else None
     dataset = ManifestDataset(rows, transform, cache=cache, seed=job.seed)
     n = len(dataset)
-    drop_last = n > 1 and n % cfg.batch_size == 1  # a batch of one breaks BatchNorm in train mode
+    rank, world, local_rank = get_dist_info()
+    if cfg.batch_size < 2 * world:
+        raise ValueError(f"student.batch_size={cfg.batch_size} with {world} processes: each process needs at least 2 "
+                         f"images per step (BatchNorm); set student.batch_size >= {2 * world} or use fewer processes.")
+    # A batch of one breaks BatchNorm in train mode; with several processes, so does a share of one.
+    drop_last = n > 1 and 0 < n % cfg.batch_size < 2 * world
     sampler = EpochSampler(n, cfg.batch_size, job.seed, drop_last)
     steps_per_epoch = sampler.batches_per_epoch()
     normalize = Normalize(data_config["mean"], data_config["std"], device, cfg.channels_last)
@@ -317,26 +339,60 @@ def _setup(job, key: str, eval_folders: list[str], progress: bool) -> _Setup:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
-    forward = torch.compile(model) if cfg.compile else model
+    forward = model
 
     s = _Setup(job=job, key=key, paths=paths, rows=rows, eval_items=eval_items, device=device, use_amp=use_amp,
                model=model, architecture=architecture, model_args=model_args, data_config=data_config,
                dataset=dataset, sampler=sampler, loader=None, normalize=normalize, steps_per_epoch=steps_per_epoch,
                optimizer=optimizer, scheduler=scheduler, ema=ema, forward=forward,
-               ckpt_path=paths.student / CHECKPOINT)
-    _resume(s)
+               ckpt_path=paths.student / CHECKPOINT, world_size=world)
+    _resume(s)  # every rank loads the same checkpoint, before DDP compares the ranks' parameters
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        s.forward = DistributedDataParallel(model, device_ids=[device.index or local_rank] if device.type == "cuda"
+                                            else None)
+    if cfg.compile:
+        s.forward = torch.compile(s.forward)
 
     extras = [f for f, on in (("cache", cfg.cache), ("randaugment", cfg.randaugment), ("mixup", cfg.mixup),
                               ("cutmix", cfg.cutmix), ("EMA", cfg.ema_decay), ("channels_last", cfg.channels_last),
                               ("compile", cfg.compile), ("bf16", use_amp)) if on]
     log(f"student: {architecture} on {n} images ({len(rows) - n} with weight 0 ignored), {num_classes} classes, "
         f"{cfg.epochs} epochs x {steps_per_epoch} steps, input {data_config['input_size'][1:]}, {device}"
-        + (f"; {', '.join(extras)}" if extras else "") + ".")
+        + (f"; {', '.join(extras)}" if extras else "")
+        + (f"; {world} processes, {cfg.batch_size // world}-{-(-cfg.batch_size // world)} images each per step"
+           if world > 1 else "") + ".")
     # One loader for the whole run: workers stay alive between epochs; the sampler carries the epoch.
-    s.loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                          pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
-                          prefetch_factor=4 if cfg.workers > 0 else None)
+    loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+                     prefetch_factor=4 if cfg.workers > 0 else None)
+    if world > 1:
+        s.loader = DataLoader(dataset, batch_sampler=ShardedBatchSampler(sampler, cfg.batch_size, rank, world),
+                              **loader_kw)
+    else:
+        s.loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, **loader_kw)
     return s
+
+
+class ShardedBatchSampler:
+    """Rank ``rank``'s share of each global batch of ``sampler``: items ``rank, rank + world, ...`` of it, so the
+    ranks together see exactly the batches one process sees."""
+
+    def __init__(self, sampler, batch_size: int, rank: int, world: int):
+        self.sampler, self.batch_size, self.rank, self.world = sampler, batch_size, rank, world
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.batch_size)
+
+    def __iter__(self):
+        batch = []
+        for key in self.sampler:
+            batch.append(key)
+            if len(batch) == self.batch_size:
+                yield batch[self.rank::self.world]
+                batch = []
+        if batch:
+            yield batch[self.rank::self.world]
 
 
 def _resume(s: _Setup) -> None:
@@ -366,8 +422,9 @@ def _checkpoint(s: _Setup, epoch: int, step: int) -> None:
         "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
         "ema": s.ema.module.state_dict() if s.ema is not None else None, "rng": _rng_state(),
         "history": s.history, "train_time": s.train_time, "images_seen": s.images_seen,
-        "epoch_sums": dict(s.acc),
+        "epoch_sums": dict(s.acc), "world_size": s.world_size,
     })
+    kill_hook(epoch * s.steps_per_epoch + step)
 
 
 def _fit(s: _Setup, progress: bool) -> None:
@@ -391,6 +448,7 @@ def _fit(s: _Setup, progress: bool) -> None:
         weight_dev = torch.zeros((), device=device)
         t0 = time.perf_counter()
         step = first
+        images_dev = 0
         for x, labels, soft, weights, soft_temp in s.loader:
             x = s.normalize(x.to(device, non_blocking=True))  # uint8 (B, 3, H, W) -> normalised float
             labels = labels.to(device, non_blocking=True)
@@ -406,7 +464,13 @@ def _fit(s: _Setup, progress: bool) -> None:
                     logits, soft[perm], labels[perm], weights[perm], temperature=cfg.temperature,
                     alpha=cfg.distill_alpha, target_temperature=soft_temp[perm])
             s.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if s.world_size > 1:
+                # DDP averages gradients over ranks; scaled by (rank's weight / mean weight per rank), that average
+                # is the gradient of the global batch's weighted mean loss, as in one process.
+                w_all = all_reduce_sum(weights.sum().detach().clone())
+                (loss * (weights.sum().detach() * s.world_size / w_all.clamp_min(1e-12))).backward()
+            else:
+                loss.backward()
             s.optimizer.step()
             s.scheduler.step()
             if s.ema is not None:
@@ -415,11 +479,18 @@ def _fit(s: _Setup, progress: bool) -> None:
             loss_dev += loss.detach() * w
             weight_dev += w
             s.acc["images"] += x.shape[0]
+            images_dev += x.shape[0]  # this rank's images since the last sync (all ranks' are summed there)
             step += 1
             bar.update(1)
             last = step == s.steps_per_epoch
             checkpoint_now = cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0 and not last
             if step % _SYNC_EVERY == 0 or last or checkpoint_now:
+                if s.world_size > 1:  # every rank reaches the same sync points; sum what all ranks saw
+                    sums = all_reduce_sum(torch.stack([loss_dev, weight_dev, torch.tensor(
+                        float(images_dev), device=device)]))
+                    loss_dev, weight_dev = sums[0].clone(), sums[1].clone()
+                    s.acc["images"] += int(sums[2]) - images_dev
+                    images_dev = 0
                 s.acc["loss_sum"] += float(loss_dev)
                 s.acc["weight_sum"] += float(weight_dev)
                 loss_dev.zero_()
@@ -453,7 +524,7 @@ def _fit(s: _Setup, progress: bool) -> None:
 def _epoch_eval(s: _Setup) -> float | None:
     """Top-1 on data.eval after an epoch (the weights that would be saved: EMA when on), for the report's
     accuracy curve; evaluation only. Forks the RNG so training sees exactly what it would without it."""
-    if not s.eval_items:
+    if not s.eval_items or not is_main():  # with several processes rank 0 alone evaluates (and records it)
         return None
     model = s.ema.module if s.ema is not None else s.model
     with torch.random.fork_rng(devices=[]):
@@ -495,12 +566,13 @@ def _finalize(s: _Setup) -> dict:
         "wall_time_s": s.train_time,
         "images_per_s": s.images_seen / s.train_time if s.train_time > 0 else None,
         "device": str(s.device),
+        "processes": s.world_size,
         "weights": config["weights"],
         "resumed_from_epoch": s.start_epoch or None,
         "resumed_from": {"epoch": s.start_epoch, "step": s.start_step} if (s.start_epoch or s.start_step) else None,
         "eval": None,
     }
-    if s.eval_items:
+    if s.eval_items and main:  # rank 0 alone evaluates
         ev = evaluate(final, s.eval_items, s.data_config, class_names, s.device, batch_size=cfg.batch_size,
                       workers=cfg.workers)
         metrics["eval"] = {"folder": job.data.eval, **ev}
@@ -517,7 +589,8 @@ def _finalize(s: _Setup) -> dict:
         _write_report(out_dir / "report.md", metrics, config)
         save_resolved_job(job, out_dir)
         mark_done(out_dir, STAGE, s.key, {"epochs": cfg.epochs, "architecture": s.architecture})
-    log(f"student: done; final train loss {metrics['train_loss']:.4f}, wrote {out_dir}.")
+    if main:
+        log(f"student: done; final train loss {metrics['train_loss']:.4f}, wrote {out_dir}.")
     return metrics
 
 
