@@ -323,6 +323,12 @@ def _setup(job, key: str, eval_folders: list[str], progress: bool) -> _Setup:
     dataset = ManifestDataset(rows, transform, cache=cache, seed=job.seed)
     n = len(dataset)
     rank, world, local_rank = get_dist_info()
+    import torch.distributed as tdist
+
+    if world > 1 and not (tdist.is_available() and tdist.is_initialized()):
+        raise RuntimeError(f"student: WORLD_SIZE={world} (RANK={rank}) but this process joined no process group; "
+                           f"launch several processes with `distillery student --nproc {world}` (torchrun), or "
+                           "unset RANK and WORLD_SIZE for one process.")
     if cfg.batch_size < 2 * world:
         raise ValueError(f"student.batch_size={cfg.batch_size} with {world} processes: each process needs at least 2 "
                          f"images per step (BatchNorm); set student.batch_size >= {2 * world} or use fewer processes.")

@@ -514,13 +514,15 @@ def test_dist_info_reads_the_torchrun_variables(monkeypatch):
         get_dist_info()
 
 
-def test_only_rank_0_writes(tmp_path, monkeypatch):
-    """A process that is not rank 0 trains but writes no checkpoint, weights, metrics, report or stamp."""
+def test_a_rank_without_a_process_group_is_refused(tmp_path, monkeypatch):
+    """RANK/WORLD_SIZE set by hand without torchrun's process group: a clear error before any write (the real
+    2-process run, where rank 1 writes nothing, is tests/test_student_ddp.py)."""
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     job = _job(tmp_path, name="rank1", epochs=1, cache=False, eval_dir=_eval_dir(tmp_path))
-    metrics = train_student(job, progress=False)
-    assert metrics["train_images"] == 11 and metrics["eval"]["images"] == 6
+    with pytest.raises(RuntimeError, match="joined no process group; launch several processes with "
+                                           "`distillery student --nproc 2`"):
+        train_student(job, progress=False)
     out = RunPaths(job.run_path).student
     assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
 
