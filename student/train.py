@@ -364,11 +364,12 @@ def _setup(job, key: str, eval_folders: list[str], progress: bool) -> _Setup:
     extras = [f for f, on in (("cache", cfg.cache), ("randaugment", cfg.randaugment), ("mixup", cfg.mixup),
                               ("cutmix", cfg.cutmix), ("EMA", cfg.ema_decay), ("channels_last", cfg.channels_last),
                               ("compile", cfg.compile), ("bf16", use_amp)) if on]
-    log(f"student: {architecture} on {n} images ({len(rows) - n} with weight 0 ignored), {num_classes} classes, "
-        f"{cfg.epochs} epochs x {steps_per_epoch} steps, input {data_config['input_size'][1:]}, {device}"
-        + (f"; {', '.join(extras)}" if extras else "")
-        + (f"; {world} processes, {cfg.batch_size // world}-{-(-cfg.batch_size // world)} images each per step"
-           if world > 1 else "") + ".")
+    if is_main():
+        log(f"student: {architecture} on {n} images ({len(rows) - n} with weight 0 ignored), {num_classes} classes, "
+            f"{cfg.epochs} epochs x {steps_per_epoch} steps, input {data_config['input_size'][1:]}, {device}"
+            + (f"; {', '.join(extras)}" if extras else "")
+            + (f"; {world} processes, {cfg.batch_size // world}-{-(-cfg.batch_size // world)} images each per step"
+               if world > 1 else "") + ".")
     # One loader for the whole run: workers stay alive between epochs; the sampler carries the epoch.
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
                      prefetch_factor=4 if cfg.workers > 0 else None)
