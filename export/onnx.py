@@ -64,6 +64,10 @@ HINTS = {
     "int8": "quantisation loses too much: keep more layers in float (export.int8_exclude: first_conv, classifier "
             "or node names), give more/more varied unlabeled images (calibration uses export.calibration_images "
             "class-balanced pseudo-labeled ones), drop int8 from export.required, or lower export.min_agreement.int8",
+    "int8_qdq": "TensorRT-style QDQ loses too much: more export.qdq_qat_epochs (or int8_qat_images), drop int8_qdq "
+                "from export.required, or lower export.min_agreement.int8_qdq",
+    "sparse24": "2:4 sparsity loses too much: more export.sparse24_epochs (or int8_qat_images), drop sparse24 from "
+                "export.required, or lower export.min_agreement.sparse24",
 }
 
 
@@ -152,6 +156,11 @@ def export_onnx(job, *, progress: bool = True) -> dict:
             elif fmt == "int8":
                 info["int8_quantization"] = _build_int8(model, config, contract, calib_paths, qat_paths, choice_paths,
                                                         files, cfg, seed=job.seed, progress=progress)
+            elif fmt in ("int8_qdq", "sparse24"):  # NVIDIA Model Optimizer (distillery[modelopt])
+                from .modelopt_formats import build_modelopt_format
+
+                info[fmt] = build_modelopt_format(fmt, model, config, contract, calib_paths, qat_paths, files[fmt],
+                                                  cfg, seed=job.seed, progress=progress)
         except Exception as e:
             if fmt in cfg.required:
                 raise RuntimeError(f"{STAGE}: building the required {fmt} model failed: {e}. Drop {fmt} from "
