@@ -175,8 +175,8 @@ class ExportCfg:
     int8_qat_epochs: int = 4  # quantisation-aware fine-tuning before INT8 (self-distillation on unlabeled domain images; 0 = plain post-training quantisation)
     int8_qat_images: int = 2000  # unlabeled domain images (not the parity ones) the INT8 fine-tuning sees
     int8_qat_lr: float = 1e-4  # its AdamW learning rate (cosine to 0)
-    qdq_qat_epochs: int = 2  # int8_qdq (TensorRT-style QDQ by NVIDIA Model Optimizer): QAT epochs after calibration on the int8_qat_images (0 = calibration only)
-    qdq_qat_lr: float = 1e-5  # its AdamW learning rate (cosine to 0)
+    qdq_qat_epochs: int = 4  # int8_qdq (TensorRT-style QDQ by NVIDIA Model Optimizer): QAT epochs after calibration on the int8_qat_images (0 = calibration only)
+    qdq_qat_lr: float = 1e-4  # its AdamW learning rate (cosine to 0)
     sparse24_epochs: int = 4  # sparse24 (2:4 structured sparsity, Model Optimizer): fine-tuning epochs under the mask on the int8_qat_images
     sparse24_lr: float = 1e-4  # its AdamW learning rate (cosine to 0)
     tensorrt: list[str] = field(default_factory=lambda: ["fp16", "int8"])  # engines to build where TensorRT + a GPU exist ([] = none); int8 only when int8 is exported
@@ -510,7 +510,7 @@ def validate(job: Job) -> Job:
     if ex.qdq_qat_epochs < 0 or ex.sparse24_epochs < 0 or not (ex.qdq_qat_lr > 0 and ex.sparse24_lr > 0):
         raise JobError(f"export.qdq_qat_epochs / sparse24_epochs: expected >= 0, got {ex.qdq_qat_epochs} / "
                        f"{ex.sparse24_epochs}; export.qdq_qat_lr / sparse24_lr: expected > 0, got {ex.qdq_qat_lr} / "
-                       f"{ex.sparse24_lr} (defaults 2 / 4 and 1e-5 / 1e-4).")
+                       f"{ex.sparse24_lr} (defaults 4 / 4 and 1e-4 / 1e-4).")
     for f in job.export.required:
         if f not in job.export.formats:
             raise JobError(f"export.required: {f!r} is required but not in export.formats {job.export.formats}; add it.")
