@@ -247,6 +247,8 @@ def _tensorrt_engines(fp32: Path, out_dir: Path, config: dict, formats: list[str
     from .tensorrt import ENGINE_FILES, build_engine, tensorrt_unavailable_reason
 
     wanted = [f for f in cfg.tensorrt if f != "int8" or "int8" in formats]
+    if wanted:  # the Model Optimizer formats are made for TensorRT: an engine whenever they are exported
+        wanted += [f for f in ("int8_qdq", "sparse24") if f in formats and f not in wanted]
     reason = "export.tensorrt is empty" if not wanted else tensorrt_unavailable_reason()
     if reason is not None:
         log(f"{STAGE}: TensorRT engine skipped: {reason}")
@@ -256,7 +258,8 @@ def _tensorrt_engines(fp32: Path, out_dir: Path, config: dict, formats: list[str
         out = out_dir / ENGINE_FILES[fmt]
         try:
             calib = preprocess_batch(calib_paths, contract) if fmt == "int8" else None
-            sidecar = build_engine(fp32, out, build_metadata(config, fmt), fmt, calibration=calib,
+            src = out_dir / FORMAT_FILES[fmt] if fmt in ("int8_qdq", "sparse24") else fp32
+            sidecar = build_engine(src, out, build_metadata(config, fmt), fmt, calibration=calib,
                                    batch_profile=tuple(cfg.tensorrt_batch), workspace_mb=cfg.tensorrt_workspace_mb)
             from distillery.runtime.tensorrt import TensorRTClassifier
 

@@ -245,3 +245,47 @@ def test_job_accepts_the_new_formats_and_names_the_key():
         job_from_dict(raw, overrides=["export.formats=[fp32,int8_qdd]"])
     with pytest.raises(JobError, match=r"export.qdq_qat_epochs"):
         job_from_dict(raw, overrides=["export.qdq_qat_epochs=-1"])
+
+
+def test_tensorrt_engines_are_built_from_the_modelopt_files(monkeypatch, tmp_path):
+    """Where TensorRT and a GPU exist the export builds an int8_qdq engine from model.int8_qdq.onnx (explicit
+    Q/DQ, no calibrator) and a sparse24 one from model.sparse24.onnx; here the builder is replaced by a recorder."""
+    import distillery.export.tensorrt as trt_mod
+    from distillery.export.onnx import _tensorrt_engines
+    from distillery.job import ExportCfg
+
+    calls = []
+
+    def fake_build(src, out, meta, precision, **kw):
+        calls.append((Path(src).name, Path(out).name, precision, meta["format"]))
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(trt_mod, "tensorrt_unavailable_reason", lambda: None)
+    monkeypatch.setattr(trt_mod, "build_engine", fake_build)
+    monkeypatch.setattr("distillery.export.onnx.build_metadata", lambda config, fmt: {"format": fmt})
+    cfg = ExportCfg(formats=["fp32", "int8_qdq", "sparse24"])
+    rep = _tensorrt_engines(tmp_path / "model.onnx", tmp_path, {}, ["fp32", "int8_qdq", "sparse24"], [], {},
+                            np.zeros((1, 3)), np.zeros((1, 3, 4, 4), np.float32), False, cfg)
+    assert calls == [("model.onnx", "model.fp16.engine", "fp16", "fp16"),
+                     ("model.int8_qdq.onnx", "model.int8_qdq.engine", "int8_qdq", "int8_qdq"),
+                     ("model.sparse24.onnx", "model.sparse24.engine", "sparse24", "sparse24")]
+    assert rep["built"] is False and all("recorded" in e["error"] for e in rep["engines"].values())
+
+
+@needs_modelopt
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_tensorrt_builds_and_runs_the_qdq_and_sparse_engines(qdq, sparse, images, tmp_path):
+    pytest.importorskip("tensorrt")
+    from distillery.export.tensorrt import build_engine
+    from distillery.runtime.tensorrt import TensorRTClassifier
+
+    for (model, path, _), fmt in ((qdq, "int8_qdq"), (sparse, "sparse24")):
+        out = tmp_path / f"model.{fmt}.engine"
+        from distillery.runtime.preprocess import contract_from_data_config
+
+        meta = {"class_names": CLASSES, "preprocess": contract_from_data_config(CONFIG["data_config"]), "format": fmt}
+        build_engine(path, out, meta, fmt, batch_profile=(1, 8, 32))
+        got = TensorRTClassifier.load(out).predict_logits(images[:32])
+        ref = _ort_logits(path, images[:32])
+        assert float(np.mean(got.argmax(1) == ref.argmax(1))) >= 0.9
