@@ -289,3 +289,26 @@ def test_tensorrt_builds_and_runs_the_qdq_and_sparse_engines(qdq, sparse, images
         got = TensorRTClassifier.load(out).predict_logits(images[:32])
         ref = _ort_logits(path, images[:32])
         assert float(np.mean(got.argmax(1) == ref.argmax(1))) >= 0.9
+
+
+@needs_modelopt
+def test_export_stage_writes_and_gates_the_modelopt_formats(tmp_path):
+    """The stage itself (export/onnx.py) with int8_qdq and sparse24 in export.formats: files with their
+    metadata, a parity row each, never the CPU deploy choice."""
+    from tests.test_export import make_export_job
+
+    from distillery.export import export_onnx
+    from distillery.runtime.classifier import Classifier
+
+    job, _, _ = make_export_job(tmp_path, formats=["fp32", "int8_qdq", "sparse24"], qdq_qat_epochs=1, sparse24_epochs=1,
+                          int8_qat_images=8, calibration_images=8, parity_images=4, deploy_timing_s=0,
+                          min_agreement={"int8_qdq": 0.0, "sparse24": 0.0}, tensorrt=[])
+    report = export_onnx(job, progress=False)
+    out = Path(job.run_path) / "export"
+    for fmt, name in (("int8_qdq", "model.int8_qdq.onnx"), ("sparse24", "model.sparse24.onnx")):
+        r = report["formats"][fmt]
+        assert r["built"] and r["passed"] and Path(r["path"]) == out / name and r["n_images"] == 4
+        assert Classifier.load(out / name, providers=["CPUExecutionProvider"]).format == fmt
+    assert report["int8_qdq"]["qat_epochs"] == 1 and report["int8_qdq"]["calibration_images"] == 8
+    assert report["sparse24"]["onnx_24_weights"] == len(report["sparse24"]["sparsified_layers"]) > 0
+    assert report["deploy"]["format"] == "fp32"
