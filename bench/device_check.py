@@ -133,8 +133,9 @@ def check_bf16_student(cpu: bool, steps: int = 20) -> dict:
             torch.cuda.synchronize()
         times.append(1000 * (time.perf_counter() - t))
         losses.append(float(loss))
-    return {"ran": True, "device": device, "batch": len(x), "steps": len(losses), "loss_first_last": [losses[0], losses[-1]],
-            "finite": bool(np.isfinite(losses).all()), "ms_per_step_median": round(float(np.median(times[1:])), 2)}
+    return {"ran": True, "device": device, "batch": len(x), "steps": len(losses),
+            "loss_first_last": [losses[0], losses[-1]], "finite": bool(np.isfinite(losses).all()),
+            "ms_per_step_median": round(float(np.median(times[1:])), 2)}
 
 
 def check_tensorrt() -> dict:
@@ -148,7 +149,8 @@ def check_tensorrt() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--export", type=Path, help="an export folder with model.onnx / model.int8_qdq.onnx / model.sparse24.onnx")
+    ap.add_argument("--export", type=Path,
+                    help="an export folder with model.onnx / model.int8_qdq.onnx / model.sparse24.onnx")
     ap.add_argument("--cpu", action="store_true", help="smoke check on the CPU (measures nothing that matters)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
@@ -164,13 +166,15 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 res[name] = fn()
             except Exception as e:
-                res[name] = {"ran": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+                res[name] = {"ran": False, "error": f"{type(e).__name__}: {e}",
+                             "traceback": traceback.format_exc()[-2000:]}
                 failed.append(name)
             res[name]["wall_s"] = round(time.perf_counter() - t, 1)
             r = res[name]
             print(f"device_check: {name}: " + ("ran" if r.get("ran") else f"NOT RUN: {r.get('why') or r.get('error')}"),
                   flush=True)
-    res["unmeasured"] = ["TensorRT engines (int8 from the QDQ file, 2:4 sparse kernels): " + (res["tensorrt"].get("why") or "")]
+    res["unmeasured"] = ["TensorRT engines (int8 from the QDQ file, 2:4 sparse kernels): "
+                         + (res["tensorrt"].get("why") or "")]
     text = json.dumps(res, indent=1, default=str)
     print(text)
     if args.json:

@@ -98,7 +98,8 @@ def select_images(job, paths: RunPaths, formats: list[str]) -> ImageSets:
         sets.qat = balanced_sample(rows, cfg.int8_qat_images, seed=job.seed + 2, exclude=set(sets.parity))
         sets.choice = balanced_sample(rows, INT8_CHOICE_IMAGES, seed=job.seed + 3,
                                       exclude=set(sets.parity) | set(sets.qat))
+    # modelopt_formats.py fine-tunes int8_qdq and sparse24 on the same unlabeled images as the INT8 QAT
     if not sets.qat and (("int8_qdq" in formats and cfg.qdq_qat_epochs > 0)
-                         or ("sparse24" in formats and cfg.sparse24_epochs > 0)):  # modelopt_formats.py fine-tunes on them
+                         or ("sparse24" in formats and cfg.sparse24_epochs > 0)):
         sets.qat = balanced_sample(rows, cfg.int8_qat_images, seed=job.seed + 2, exclude=set(sets.parity))
     return sets

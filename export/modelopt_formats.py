@@ -4,8 +4,9 @@
     Explicit quantisation in the form TensorRT fuses: symmetric int8 QuantizeLinear/DequantizeLinear pairs on
     every Conv weight (per output channel, axis 0, zero point 0) and on their inputs (per tensor, zero
     point 0), placed by ``modelopt.torch.quantization`` (``mtq.quantize`` with ``INT8_DEFAULT_CFG``, max
-    calibration on the export's calibration images; timm's classifier is ``timm.layers.Linear``, a subclass
-    modelopt 0.47 does not convert, so it stays float, as ``export.int8_exclude`` keeps it in today's INT8 -- the same class-balanced domain images today's INT8 uses),
+    calibration on the export's calibration images -- the same class-balanced domain images today's INT8 uses;
+    timm's classifier is ``timm.layers.Linear``, a subclass modelopt 0.47 does not convert, so it stays float,
+    as ``export.int8_exclude`` keeps it in today's INT8),
     then, with ``export.qdq_qat_epochs`` > 0, quantisation-aware fine-tuning of the fake-quantised model by
     self-distillation from the student on the unlabeled domain images (as :mod:`distillery.export.qat`; no
     labels). Exported with ``torch.onnx.export``; onnxruntime runs it on the CPU (the parity gate), TensorRT
@@ -334,7 +335,8 @@ def qdq_summary(path: Path) -> dict[str, Any]:
     for n in proto.graph.node:
         for x in n.input:
             consumers.setdefault(x, []).append(n)
-    weight_inputs = {n.input[1] for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1}
+    weight_inputs = {n.input[1] for n in proto.graph.node
+                     if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1}
     pairs = []
     for n in proto.graph.node:
         if n.op_type != "QuantizeLinear":
