@@ -159,7 +159,7 @@ class StudentCfg:
     checkpoint_steps: int = 0  # also checkpoint every N steps inside an epoch (0 = at epoch ends only)
 
 
-DEFAULT_MIN_AGREEMENT = {"fp32": 0.995, "fp16": 0.995, "int8": 0.98}  # export.min_agreement per format
+DEFAULT_MIN_AGREEMENT = {"fp32": 0.995, "fp16": 0.995, "int8": 0.98, "int8_qdq": 0.98, "sparse24": 0.95}  # export.min_agreement per format
 
 
 @dataclass
@@ -175,6 +175,10 @@ class ExportCfg:
     int8_qat_epochs: int = 4  # quantisation-aware fine-tuning before INT8 (self-distillation on unlabeled domain images; 0 = plain post-training quantisation)
     int8_qat_images: int = 2000  # unlabeled domain images (not the parity ones) the INT8 fine-tuning sees
     int8_qat_lr: float = 1e-4  # its AdamW learning rate (cosine to 0)
+    qdq_qat_epochs: int = 4  # int8_qdq (TensorRT-style QDQ by NVIDIA Model Optimizer): QAT epochs after calibration on the int8_qat_images (0 = calibration only)
+    qdq_qat_lr: float = 1e-4  # its AdamW learning rate (cosine to 0)
+    sparse24_epochs: int = 4  # sparse24 (2:4 structured sparsity, Model Optimizer): fine-tuning epochs under the mask on the int8_qat_images
+    sparse24_lr: float = 1e-4  # its AdamW learning rate (cosine to 0)
     tensorrt: list[str] = field(default_factory=lambda: ["fp16", "int8"])  # engines to build where TensorRT + a GPU exist ([] = none); int8 only when int8 is exported
     tensorrt_batch: list[int] = field(default_factory=lambda: [1, 8, 32])  # min / opt / max batch of the engine's profile
     tensorrt_workspace_mb: int = 1024  # TensorRT builder workspace
@@ -392,7 +396,7 @@ def resolve_model_ref(value: str, base: Path) -> str:
     return value
 
 
-EXPORT_FORMATS = ("fp32", "fp16", "int8")
+EXPORT_FORMATS = ("fp32", "fp16", "int8", "int8_qdq", "sparse24")  # the last two need distillery[modelopt]
 LORA_PRECISIONS = ("no", "fp16", "bf16")
 
 
@@ -503,6 +507,10 @@ def validate(job: Job) -> Job:
         raise JobError(f"export.int8_qat_epochs / int8_qat_images / int8_qat_lr: expected >= 0, >= 0 and > 0, got "
                        f"{ex.int8_qat_epochs} / {ex.int8_qat_images} / {ex.int8_qat_lr} (defaults 4 / 2000 / 1e-4; "
                        "int8_qat_epochs: 0 turns quantisation-aware fine-tuning off).")
+    if ex.qdq_qat_epochs < 0 or ex.sparse24_epochs < 0 or not (ex.qdq_qat_lr > 0 and ex.sparse24_lr > 0):
+        raise JobError(f"export.qdq_qat_epochs / sparse24_epochs: expected >= 0, got {ex.qdq_qat_epochs} / "
+                       f"{ex.sparse24_epochs}; export.qdq_qat_lr / sparse24_lr: expected > 0, got {ex.qdq_qat_lr} / "
+                       f"{ex.sparse24_lr} (defaults 4 / 4 and 1e-4 / 1e-4).")
     for f in job.export.required:
         if f not in job.export.formats:
             raise JobError(f"export.required: {f!r} is required but not in export.formats {job.export.formats}; add it.")

@@ -28,7 +28,9 @@ from .parity import _torch_logits, parity
 __all__ = ["STAGE", "FORMAT_FILES", "INT8_EXCLUDE_KEYWORDS", "build_metadata"]
 
 STAGE = "export"  # the stage's name: its stamp and the prefix of its log lines
-FORMAT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+FORMAT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx",
+                "int8_qdq": "model.int8_qdq.onnx", "sparse24": "model.sparse24.onnx"}  # these two: modelopt_formats
+
 INT8_EXCLUDE_KEYWORDS = ("first_conv", "classifier")  # export.int8_exclude's layer names besides ONNX node names
 
 

@@ -91,11 +91,15 @@ def select_images(job, paths: RunPaths, formats: list[str]) -> ImageSets:
                                 f"missing and data.unlabeled {job.data.unlabeled!r} holds no images "
                                 f"({', '.join(job.data.extensions)}). Parity is measured on real images; add some.")
     sets = ImageSets(source, balanced_sample(rows, cfg.parity_images, seed=job.seed))
-    if "int8" in formats:
+    if "int8" in formats or "int8_qdq" in formats:
         sets.calibration = balanced_sample(rows, cfg.calibration_images, seed=job.seed + 1, exclude=set(sets.parity))
         sets.calibration = sets.calibration or balanced_sample(rows, cfg.calibration_images, seed=job.seed + 1)
     if "int8" in formats and cfg.int8_qat_epochs > 0:
         sets.qat = balanced_sample(rows, cfg.int8_qat_images, seed=job.seed + 2, exclude=set(sets.parity))
         sets.choice = balanced_sample(rows, INT8_CHOICE_IMAGES, seed=job.seed + 3,
                                       exclude=set(sets.parity) | set(sets.qat))
+    # modelopt_formats.py fine-tunes int8_qdq and sparse24 on the same unlabeled images as the INT8 QAT
+    if not sets.qat and (("int8_qdq" in formats and cfg.qdq_qat_epochs > 0)
+                         or ("sparse24" in formats and cfg.sparse24_epochs > 0)):
+        sets.qat = balanced_sample(rows, cfg.int8_qat_images, seed=job.seed + 2, exclude=set(sets.parity))
     return sets

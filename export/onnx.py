@@ -64,6 +64,10 @@ HINTS = {
     "int8": "quantisation loses too much: keep more layers in float (export.int8_exclude: first_conv, classifier "
             "or node names), give more/more varied unlabeled images (calibration uses export.calibration_images "
             "class-balanced pseudo-labeled ones), drop int8 from export.required, or lower export.min_agreement.int8",
+    "int8_qdq": "TensorRT-style QDQ loses too much: more export.qdq_qat_epochs (or int8_qat_images), drop int8_qdq "
+                "from export.required, or lower export.min_agreement.int8_qdq",
+    "sparse24": "2:4 sparsity loses too much: more export.sparse24_epochs (or int8_qat_images), drop sparse24 from "
+                "export.required, or lower export.min_agreement.sparse24",
 }
 
 
@@ -152,6 +156,11 @@ def export_onnx(job, *, progress: bool = True) -> dict:
             elif fmt == "int8":
                 info["int8_quantization"] = _build_int8(model, config, contract, calib_paths, qat_paths, choice_paths,
                                                         files, cfg, seed=job.seed, progress=progress)
+            elif fmt in ("int8_qdq", "sparse24"):  # NVIDIA Model Optimizer (distillery[modelopt])
+                from .modelopt_formats import build_modelopt_format
+
+                info[fmt] = build_modelopt_format(fmt, model, config, contract, calib_paths, qat_paths, files[fmt],
+                                                  cfg, seed=job.seed, progress=progress)
         except Exception as e:
             if fmt in cfg.required:
                 raise RuntimeError(f"{STAGE}: building the required {fmt} model failed: {e}. Drop {fmt} from "
@@ -238,6 +247,8 @@ def _tensorrt_engines(fp32: Path, out_dir: Path, config: dict, formats: list[str
     from .tensorrt import ENGINE_FILES, build_engine, tensorrt_unavailable_reason
 
     wanted = [f for f in cfg.tensorrt if f != "int8" or "int8" in formats]
+    if wanted:  # the Model Optimizer formats are made for TensorRT: an engine whenever they are exported
+        wanted += [f for f in ("int8_qdq", "sparse24") if f in formats and f not in wanted]
     reason = "export.tensorrt is empty" if not wanted else tensorrt_unavailable_reason()
     if reason is not None:
         log(f"{STAGE}: TensorRT engine skipped: {reason}")
@@ -247,7 +258,8 @@ def _tensorrt_engines(fp32: Path, out_dir: Path, config: dict, formats: list[str
         out = out_dir / ENGINE_FILES[fmt]
         try:
             calib = preprocess_batch(calib_paths, contract) if fmt == "int8" else None
-            sidecar = build_engine(fp32, out, build_metadata(config, fmt), fmt, calibration=calib,
+            src = out_dir / FORMAT_FILES[fmt] if fmt in ("int8_qdq", "sparse24") else fp32
+            sidecar = build_engine(src, out, build_metadata(config, fmt), fmt, calibration=calib,
                                    batch_profile=tuple(cfg.tensorrt_batch), workspace_mb=cfg.tensorrt_workspace_mb)
             from distillery.runtime.tensorrt import TensorRTClassifier
 

@@ -35,7 +35,9 @@ import numpy as np
 
 __all__ = ["ENGINE_FILES", "tensorrt_unavailable_reason", "platform_versions", "build_engine"]
 
-ENGINE_FILES = {"fp16": "model.fp16.engine", "int8": "model.int8.engine"}
+ENGINE_FILES = {"fp16": "model.fp16.engine", "int8": "model.int8.engine",
+                # from the Model Optimizer files (export/modelopt_formats.py): explicit Q/DQ int8, 2:4 sparse fp16
+                "int8_qdq": "model.int8_qdq.engine", "sparse24": "model.sparse24.engine"}
 DEFAULT_BATCH_PROFILE = (1, 8, 32)  # min / opt / max batch of the optimisation profile
 DEFAULT_WORKSPACE_MB = 1024
 
@@ -129,7 +131,8 @@ def _entropy_calibrator(trt, data: np.ndarray, batch_size: int, cache_path: Path
 def build_engine(onnx_path: str | Path, out_path: str | Path, metadata: dict[str, Any], precision: str,
                  calibration: np.ndarray | None = None, batch_profile: tuple[int, int, int] = DEFAULT_BATCH_PROFILE,
                  workspace_mb: int = DEFAULT_WORKSPACE_MB) -> dict[str, Any]:
-    """Parse ``onnx_path``, build a ``precision`` ("fp16" or "int8") engine, write it and its sidecar.
+    """Parse ``onnx_path``, build a ``precision`` ("fp16", "int8"; "int8_qdq" or "sparse24" from those ONNX
+    files) engine, write it and its sidecar.
 
     ``calibration``: preprocessed (N, 3, H, W) float32 images, required for int8. Returns the sidecar dict.
     Raises RuntimeError naming the parser errors or the failed build.
@@ -168,6 +171,10 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, metadata: dict[str
         config.int8_calibrator = _entropy_calibrator(trt, calibration, calib_batch,
                                                      out_path.with_suffix(out_path.suffix + ".calib"))
         config.set_calibration_profile(profile)
+    elif precision == "int8_qdq":  # explicit quantisation: the scales are the graph's Q/DQ nodes, no calibrator
+        config.set_flag(trt.BuilderFlag.INT8)
+    elif precision == "sparse24":  # the 2:4 weights may run on sparse tensor cores (Ampere and later)
+        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError(f"TensorRT could not build the {precision} engine from {onnx_path} (see its log above); "
