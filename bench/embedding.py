@@ -21,6 +21,7 @@ the stand-in CLIP's own image features.
 | DISTILLERY_BENCH_OUT | run folder | runs/bench/embedding |
 | DISTILLERY_BENCH_STUDENT_EPOCHS | student epochs | the job's (12) |
 | DISTILLERY_BENCH_THREADS | torch threads | 1 |
+| DISTILLERY_BENCH_EMB_ARGS | more job overrides, space-separated (e.g. `student.embedding_distill=0.5`) | none |
 """
 from __future__ import annotations
 
@@ -84,6 +85,7 @@ def main() -> dict:
     epochs = env("STUDENT_EPOCHS", None, int)
     if epochs:
         overrides.append(f"student.epochs={epochs}")
+    overrides += env("EMB_ARGS", "").split()
     job = load_job(JOB, overrides)
     _copy_teacher(src, out / "teacher", None)
     args = ["--job", str(JOB), "--no-report", *overrides]
