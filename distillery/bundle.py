@@ -228,6 +228,9 @@ def make_bundle(job, *, n_images: int = GOLDEN_IMAGES, progress: bool = True) ->
     shutil.copyfile(paths.export_report, tmp / "model" / "report.json")
     if model_src.suffix == ".engine":  # an engine's metadata lives in its sidecar
         shutil.copyfile(str(model_src) + ".json", tmp / "model" / (model_src.name + ".json"))
+    for side in ("text_embeddings.npz", "text_encoder.onnx", "bpe_simple_vocab_16e6.txt.gz"):  # embedding students
+        if (paths.export / side).is_file():
+            shutil.copyfile(paths.export / side, tmp / "model" / side)
     pre = paths.export / "model.pre.onnx"  # export.preprocess_in_graph: the same network taking decoded images
     if pre.is_file() and (report.get("preprocess_in_graph") or {}).get("file"):
         shutil.copyfile(pre, tmp / "model" / pre.name)

@@ -157,6 +157,8 @@ class StudentCfg:
     channels_last: bool = False  # NHWC memory format (often faster on GPUs and oneDNN CPUs)
     compile: bool = False  # torch.compile the training forward/backward (first steps pay the compile time)
     checkpoint_steps: int = 0  # also checkpoint every N steps inside an epoch (0 = at epoch ends only)
+    head: str = "logits"  # "logits" = class logits; "embedding" = regress the teacher CLIP image embedding (cosine), classify by cosine with class text embeddings (student/embedding.py)
+    embedding_distill: float = 0.0  # head embedding: weight of an extra KD term on logit_scale*cos(emb, class texts) vs the soft labels (0 = off)
 
 
 DEFAULT_MIN_AGREEMENT = {"fp32": 0.995, "fp16": 0.995, "int8": 0.98, "int8_qdq": 0.98, "sparse24": 0.95}  # export.min_agreement per format
@@ -184,6 +186,7 @@ class ExportCfg:
     tensorrt_workspace_mb: int = 1024  # TensorRT builder workspace
     deploy_timing_s: float = 1.0  # onnxruntime CPU timing per passing format (batch 1) to pick the deploy format; 0 = no timing, the most precise passing format
     deploy_tolerance: float = 0.05  # a lower precision is deployed only when it is this much faster (0.05 = 5%) than a more precise passing format
+    text_encoder: bool = False  # also export the CLIP text encoder (text_encoder.onnx + its BPE vocabulary) so a device embeds new class names (export/text_encoder.py)
     preprocess_in_graph: bool = False  # also write model.pre.onnx: input a decoded uint8 NHWC image, resize/crop/normalise as ONNX ops (report.json: pixel difference and top-1 agreement vs the Pillow path)
 
 
@@ -490,6 +493,11 @@ def validate(job: Job) -> Job:
             raise JobError(f"student.{k}: must be >= 0 (0 = off), got {getattr(st, k)}.")
     if not 0.0 <= st.ema_decay < 1.0:
         raise JobError(f"student.ema_decay: must be in [0, 1) (0 = off; typical 0.999-0.9999), got {st.ema_decay}.")
+    if st.head not in ("logits", "embedding"):
+        raise JobError(f"student.head: unknown value {st.head!r}; choose logits (class logits) or embedding (regress "
+                       "the teacher CLIP's image embedding; classes by cosine with their text embeddings).")
+    if st.embedding_distill < 0:
+        raise JobError(f"student.embedding_distill: must be >= 0 (0 = off), got {st.embedding_distill}.")
     if st.randaugment is not None and not str(st.randaugment).startswith("rand"):
         raise JobError(f"student.randaugment: expected a timm RandAugment string such as 'rand-m9-mstd0.5' "
                        f"(or null to turn it off), got {st.randaugment!r}.")

@@ -57,6 +57,7 @@ def build_metadata(config: dict, fmt: str) -> dict[str, Any]:
         "architecture": config["architecture"],
         "versions": versions,
         "format": fmt,
+        **config.get("distillery_metadata", {}),  # an embedding student's head and side file (export/embedding.py)
     }
 
 
@@ -68,17 +69,17 @@ def _set_metadata(model, meta: dict) -> None:
     onnx.helper.set_model_props(model, props)
 
 
-def _torch_to_onnx(model, input_size: list[int], opset: int, out: Path) -> str:
+def _torch_to_onnx(model, input_size: list[int], opset: int, out: Path, output_name: str = "logits") -> str:
     """Write the raw export to ``out``; returns the exporter used ("torchscript" or "dynamo")."""
     import torch
 
     dummy = torch.randn(2, *input_size)  # batch 2 so nothing specialises on a batch of 1
-    names = dict(input_names=["input"], output_names=["logits"], opset_version=opset)
+    names = dict(input_names=["input"], output_names=[output_name], opset_version=opset)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # "legacy TorchScript-based ONNX export"
             torch.onnx.export(model, (dummy,), str(out), dynamo=False,
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **names)
+                              dynamic_axes={"input": {0: "batch"}, output_name: {0: "batch"}}, **names)
         return "torchscript"
     except Exception as e:
         log(f"{STAGE}: TorchScript export failed ({type(e).__name__}: {e}); trying the dynamo exporter")
@@ -96,7 +97,8 @@ def _export_fp32(model, config: dict, opset: int, out: Path, progress: bool) -> 
 
     with tempfile.TemporaryDirectory(prefix="distillery-export-") as tmp:
         raw = Path(tmp) / "raw.onnx"
-        exporter = _torch_to_onnx(model, config["data_config"]["input_size"], opset, raw)
+        exporter = _torch_to_onnx(model, config["data_config"]["input_size"], opset, raw,
+                                  config.get("output_name", "logits"))
         proto = onnx.load(str(raw))
     onnx.checker.check_model(proto, full_check=True)
     slimmed = False

@@ -112,12 +112,16 @@ def export_onnx(job, *, progress: bool = True) -> dict:
     parity_paths, calib_paths, qat_paths, choice_paths = images.parity, images.calibration, images.qat, images.choice
 
     inputs = [paths.student_weights, paths.student_config]
+    from distillery.student.embedding import TEXT_FILE
+
+    if (paths.student / TEXT_FILE).is_file() and read_json(paths.student_config).get("head") == "embedding":
+        inputs.append(paths.student / TEXT_FILE)  # an embedding student's class matrix is part of what is exported
     for p in inputs:
         if not p.is_file():
             raise FileNotFoundError(f"{STAGE}: student file {str(p)!r} is missing; train the student first "
                                     "(`distillery student --job JOB.yaml`).")
     image_hashes = [sha256_file(p) for p in parity_paths + calib_paths]
-    key = stage_key({"export": cfg, "classes": job.class_names, "version": EXPORT_VERSION}, inputs,
+    key = stage_key({"export": _key_settings(cfg), "classes": job.class_names, "version": EXPORT_VERSION}, inputs,
                     extra={"parity": parity_paths, "calibration": calib_paths, "images": image_hashes,
                            "qat": qat_paths, "int8_choice": choice_paths})
     if is_done(out_dir, STAGE, key, [files["fp32"], paths.export_report]) and all(
@@ -132,6 +136,13 @@ def export_onnx(job, *, progress: bool = True) -> dict:
                          f"but the job names {job.class_names}; retrain the student (`distillery student`).")
     contract = contract_from_data_config(config["data_config"])
     out_dir.mkdir(parents=True, exist_ok=True)
+    graph_model = model  # what is traced to ONNX; `model` gives the logits parity compares
+    if config.get("head") == "embedding":
+        from .embedding import prepare_embedding_export
+
+        model, graph_model, config, cfg = prepare_embedding_export(model, config, paths.student, out_dir, cfg)
+    elif (out_dir / TEXT_FILE).exists():  # a logits model must not sit beside an older export's class matrix
+        (out_dir / TEXT_FILE).unlink()
     for fmt, name in FORMAT_FILES.items():  # an app must not pick up a file from an older, different export
         if fmt not in formats and (out_dir / name).exists():
             (out_dir / name).unlink()
@@ -145,7 +156,7 @@ def export_onnx(job, *, progress: bool = True) -> dict:
             f"{cfg.parity_images})")
 
     torch.manual_seed(job.seed)
-    info = _export_fp32(model, config, cfg.opset, files["fp32"], progress)
+    info = _export_fp32(graph_model, config, cfg.opset, files["fp32"], progress)
     batch = preprocess_batch(parity_paths, contract)  # the runtime's preprocessing, (N,3,H,W)
     reference = _torch_logits(model, batch)
     build_errors: dict[str, str] = {}
@@ -209,6 +220,10 @@ def export_onnx(job, *, progress: bool = True) -> dict:
     report["tensorrt"] = _tensorrt_engines(files["fp32"], out_dir, config, formats, calib_paths, contract,
                                            reference, batch, progress, cfg)
     report["onnxruntime"] = _onnxruntime_status()
+    if cfg.text_encoder:
+        from .text_encoder import export_text_encoder
+
+        report["text_encoder"] = export_text_encoder(job, out_dir, cfg.opset, progress)
     pre_file = out_dir / "model.pre.onnx"
     if cfg.preprocess_in_graph:
         from .preprocess_graph import build_preprocessing_model, compare_with_pillow
@@ -235,6 +250,17 @@ def export_onnx(job, *, progress: bool = True) -> dict:
             + (f" Also failed: {', '.join(f for f, _ in failed[1:])}." if len(failed) > 1 else ""))
     mark_done(out_dir, STAGE, key, {"formats": [f for f in formats if f not in build_errors]})
     return report
+
+
+def _key_settings(cfg):
+    """The export settings in the stage key: ``text_encoder`` only when on, so exports made before it existed
+    keep their key."""
+    import dataclasses
+
+    d = dataclasses.asdict(cfg)
+    if not d.get("text_encoder"):
+        d.pop("text_encoder", None)
+    return d
 
 
 def _tensorrt_engines(fp32: Path, out_dir: Path, config: dict, formats: list[str], calib_paths: list[str],

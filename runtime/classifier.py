@@ -261,9 +261,76 @@ class Classifier(BaseClassifier):
                 raise ValueError(f"{path}: the metadata's input_size {list(want)} disagrees with the graph's input "
                                  f"{list(shape)}; the file is inconsistent, re-export it with `distillery export`.")
         n_out = outputs[0].shape[-1] if outputs[0].shape else None
-        if isinstance(n_out, int) and n_out != len(self.class_names):
+        self.embedding: dict[str, Any] | None = None  # an embedding student: classes by cosine with a side matrix
+        if metadata.get("head") == "embedding":
+            self._init_embedding(metadata, n_out)
+        elif isinstance(n_out, int) and n_out != len(self.class_names):
             raise ValueError(f"{path}: the model outputs {n_out} logits but its metadata names "
                              f"{len(self.class_names)} classes; the file is inconsistent, re-export it.")
+
+    def _init_embedding(self, metadata: dict[str, Any], n_out: Any) -> None:
+        """An embedding model: the graph outputs the normalised image embedding (B, D); the class text-embedding
+        matrix is the side file the metadata names (checked by sha256), logits = logit_scale · emb · Tᵀ."""
+        from .embeddings import load_class_embeddings
+
+        emb = metadata.get("embedding")
+        if not isinstance(emb, dict) or not isinstance(emb.get("dim"), int) or not emb.get("text_embeddings"):
+            raise ValueError(f"{self.path}: metadata says head 'embedding' but its 'embedding' entry {emb!r} lacks "
+                             "dim / text_embeddings; re-export the model with `distillery export`.")
+        if isinstance(n_out, int) and n_out != emb["dim"]:
+            raise ValueError(f"{self.path}: the model outputs {n_out} values but its metadata says the embedding has "
+                             f"{emb['dim']}; the file is inconsistent, re-export it.")
+        self.embedding = emb
+        self.logit_scale = float(emb.get("logit_scale", 100.0))
+        side = os.path.join(os.path.dirname(os.path.abspath(self.path)), os.path.basename(str(emb["text_embeddings"])))
+        matrix, names = load_class_embeddings(side, emb["dim"], emb.get("text_embeddings_sha256"))
+        self._class_matrix = matrix
+        self.class_names = names
+        self.text_embeddings_path = side
+
+    def set_class_embeddings(self, matrix: np.ndarray, names: Sequence[str]) -> None:
+        """Classify into new classes without retraining: ``matrix`` (C, D) class text embeddings from the same
+        CLIP (rows are normalised here), ``names`` one per row. Only for embedding models.
+
+        Swapping while another thread is inside :meth:`predict` may give that call the old names or matrix."""
+        from .embeddings import check_class_embeddings
+
+        if self.embedding is None:
+            raise ValueError(f"{self.path}: not an embedding model (its classifier head outputs fixed class logits), "
+                             "so its classes cannot be swapped; export a `student.head: embedding` student.")
+        m, names = check_class_embeddings(matrix, names, self.embedding["dim"], where="set_class_embeddings")
+        self._class_matrix, self.class_names = m, names
+
+    def load_class_embeddings(self, path: str | os.PathLike) -> None:
+        """:meth:`set_class_embeddings` from a side file (``.npz`` as written by ``save_class_embeddings``)."""
+        from .embeddings import load_class_embeddings
+
+        if self.embedding is None:
+            raise ValueError(f"{self.path}: not an embedding model, so {os.fspath(path)!r} cannot replace its classes.")
+        self.set_class_embeddings(*load_class_embeddings(path, self.embedding["dim"]))
+
+    def predict_embeddings(self, batch: np.ndarray) -> np.ndarray:
+        """The normalised image embeddings (B, D) of a preprocessed batch (embedding models only)."""
+        if self.embedding is None:
+            raise ValueError(f"{self.path}: not an embedding model; it outputs class logits (predict_logits).")
+        batch = self.check_batch(batch)
+        out = self.session.run([self.output_name], {self.input_name: batch.astype(self._input_dtype, copy=False)})[0]
+        return self._check_embeddings(out, len(batch))
+
+    def _check_embeddings(self, out: np.ndarray, n: int) -> np.ndarray:
+        out = np.asarray(out, dtype=np.float32)
+        if out.shape != (n, self.embedding["dim"]):
+            raise ValueError(f"{self.path}: the model returned shape {out.shape} for {n} images, expected "
+                             f"({n}, {self.embedding['dim']}) embeddings; the file is inconsistent, re-export it.")
+        return out
+
+    def _to_logits(self, out: np.ndarray, n: int) -> np.ndarray:
+        """The session's output as (n, C) logits: as it is, or cosine with the class matrix (embedding models)."""
+        if self.embedding is None:
+            return self._check_logits(out, n)
+        from .embeddings import cosine_logits
+
+        return cosine_logits(self._check_embeddings(out, n), self._class_matrix, self.logit_scale)
 
     @classmethod
     def load(cls, path: str | os.PathLike, providers: Sequence[Any] | None = None,
@@ -322,7 +389,7 @@ class Classifier(BaseClassifier):
 
         out = [self.session.run([self.output_name], {self.input_name: np.asarray(load_image(im))[None]})[0]
                for im in items]
-        return self._check_logits(np.concatenate(out), len(items))
+        return self._to_logits(np.concatenate(out), len(items))
 
     def predict_logits(self, batch: np.ndarray) -> np.ndarray:
         """Run the network on an already preprocessed ``(B, 3, H, W)`` batch; returns ``(B, K)`` float32 logits.
@@ -334,7 +401,7 @@ class Classifier(BaseClassifier):
                              "use predict(), or the model without preprocessing (model.onnx) for tensors.")
         batch = self.check_batch(batch)
         out = self.session.run([self.output_name], {self.input_name: batch.astype(self._input_dtype, copy=False)})
-        return self._check_logits(out[0], len(batch))
+        return self._to_logits(out[0], len(batch))
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

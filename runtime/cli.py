@@ -1,4 +1,4 @@
-"""``distillery run MODEL IMAGE... [--json] [--topk K]``: classify images with an exported model.
+"""``distillery run MODEL IMAGE... [--json] [--topk K] [--text-embeddings FILE]``: classify images with an exported model.
 
 Prints one line per image, ``path<TAB>label<TAB>probability`` (with ``--topk K`` the next best
 ``label<TAB>probability`` pairs follow on the same line), or with ``--json`` one JSON object per
@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="onnxruntime execution providers in order, e.g. CPUExecutionProvider "
                         "(default: CUDA if available, then CPU); a requested provider that is not in use is "
                         "reported on stderr")
+    p.add_argument("--text-embeddings", default=None, metavar="FILE",
+                   help="embedding models only: classify into the classes of this text-embeddings .npz instead of "
+                        "the exported ones (new classes without retraining; see distillery.runtime.embeddings)")
     p.add_argument("--exact-decode", action="store_true",
                    help="decode large JPEG files at full size (default: draft-mode decoding, within 5/255 of it)")
     return p
@@ -57,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RuntimeWarning)
             clf = Classifier.load(args.model, providers=providers, fast_decode=not args.exact_decode)
+        if args.text_embeddings:
+            if not hasattr(clf, "load_class_embeddings"):
+                return _error(f"--text-embeddings: {args.model!r} is not an ONNX embedding model.")
+            clf.load_class_embeddings(args.text_embeddings)
     except (OSError, ValueError, RuntimeError, ImportError) as e:
         return _error(str(e))
     for w in caught:

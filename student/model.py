@@ -179,7 +179,8 @@ def load_student(folder: str | Path, device: str = "cpu"):
         if not p.is_file():
             raise FileNotFoundError(f"student folder {str(folder)!r} lacks {p.name}; run the student stage first.")
     config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    model = timm.create_model(config["architecture"], pretrained=False, num_classes=config["num_classes"],
+    outputs = config.get("embedding_dim") or config["num_classes"]  # an embedding head outputs the CLIP width
+    model = timm.create_model(config["architecture"], pretrained=False, num_classes=outputs,
                               **config.get("model_args", {}))
     model.load_state_dict(load_file(str(weights), device=str(device)))
     return model.to(device).eval(), config

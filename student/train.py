@@ -238,8 +238,13 @@ def train_student(job, *, progress: bool = True) -> dict:
     if cfg.distill_alpha > 0:  # a student distilled by an earlier loss is retrained (plain CE is unchanged)
         settings["loss"] = LOSS_VERSION
     extra = {"eval": job.data.eval, "eval_folders": eval_folders}
+    from .embedding import TEXT_FILE, stage_settings
+
+    settings = stage_settings(settings, job)  # a logits head's key is what it was before student.head existed
     key = stage_key(settings, [paths.manifest, *pretrained_files(cfg.pretrained)], extra)
     outputs = [paths.student_weights, paths.student_config, paths.student_metrics]
+    if cfg.head == "embedding":
+        outputs.append(paths.student / TEXT_FILE)
     if is_done(paths.student, STAGE, key, outputs):
         log(f"student: up to date ({paths.student}); delete {stamp_path(paths.student, STAGE).name} there to retrain.")
         return read_json(paths.student_metrics)
@@ -288,6 +293,7 @@ class _Setup:
     train_time: float = 0.0
     images_seen: int = 0
     acc: dict = field(default_factory=_epoch_sums)  # the current epoch's running sums
+    head: Any = None  # student.head=embedding: the EmbeddingHead (student/embedding.py); None for class logits
 
     @property
     def total_steps(self) -> int:
@@ -313,14 +319,20 @@ def _setup(job, key: str, eval_folders: list[str], progress: bool) -> _Setup:
     device = resolve_device(cfg.device)
     use_amp = cfg.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
 
+    from .embedding import prepare_head
+
+    head = prepare_head(job)  # before seeding: loading the CLIP must not move the student's initialisation
     _seed_everything(job.seed)
-    model, architecture, model_args = build_student(cfg.model, num_classes, cfg.pretrained, dict(cfg.model_args))
+    outputs = head.dim if head is not None else num_classes
+    model, architecture, model_args = build_student(cfg.model, outputs, cfg.pretrained, dict(cfg.model_args))
     data_config = student_data_config(model, cfg.input_size)
     transform = train_transform(data_config, tuple(cfg.crop_scale), cfg.randaugment)  # fails early on a bad string
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
     cache = _prepare_cache(job, rows, data_config, progress) if cfg.cache else None
     dataset = ManifestDataset(rows, transform, cache=cache, seed=job.seed)
+    if head is not None:  # items also carry the row's CLIP target embedding
+        dataset = head.wrap(dataset, job, progress)
     n = len(dataset)
     rank, world, local_rank = get_dist_info()
     import torch.distributed as tdist
@@ -351,7 +363,7 @@ def _setup(job, key: str, eval_folders: list[str], progress: bool) -> _Setup:
                model=model, architecture=architecture, model_args=model_args, data_config=data_config,
                dataset=dataset, sampler=sampler, loader=None, normalize=normalize, steps_per_epoch=steps_per_epoch,
                optimizer=optimizer, scheduler=scheduler, ema=ema, forward=forward,
-               ckpt_path=paths.student / CHECKPOINT, world_size=world)
+               ckpt_path=paths.student / CHECKPOINT, world_size=world, head=head)
     _resume(s)  # every rank loads the same checkpoint, before DDP compares the ranks' parameters
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -456,7 +468,7 @@ def _fit(s: _Setup, progress: bool) -> None:
         t0 = time.perf_counter()
         step = first
         images_dev = 0
-        for x, labels, soft, weights, soft_temp in s.loader:
+        for x, labels, soft, weights, soft_temp, *target in s.loader:
             x = s.normalize(x.to(device, non_blocking=True))  # uint8 (B, 3, H, W) -> normalised float
             labels = labels.to(device, non_blocking=True)
             soft, weights = soft.to(device, non_blocking=True), weights.to(device, non_blocking=True)
@@ -464,9 +476,13 @@ def _fit(s: _Setup, progress: bool) -> None:
             x, perm, lam = mix_batch(x, seed, epoch, step, cfg.mixup, cfg.cutmix)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.use_amp):
                 logits = s.forward(x)  # (B, C)
-            loss = distillation_loss(logits, soft, labels, weights, temperature=cfg.temperature,
-                                     alpha=cfg.distill_alpha, target_temperature=soft_temp)
-            if perm is not None:
+            if s.head is not None:  # student.head=embedding: logits are the (B, D) embedding
+                loss = s.head.loss(logits, target[0].to(device, non_blocking=True), soft, labels, weights, soft_temp,
+                                   perm, lam, cfg)
+            else:
+                loss = distillation_loss(logits, soft, labels, weights, temperature=cfg.temperature,
+                                         alpha=cfg.distill_alpha, target_temperature=soft_temp)
+            if perm is not None and s.head is None:
                 loss = lam * loss + (1.0 - lam) * distillation_loss(
                     logits, soft[perm], labels[perm], weights[perm], temperature=cfg.temperature,
                     alpha=cfg.distill_alpha, target_temperature=soft_temp[perm])
@@ -535,7 +551,7 @@ def _epoch_eval(s: _Setup) -> float | None:
         return None
     model = s.ema.module if s.ema is not None else s.model
     with torch.random.fork_rng(devices=[]):
-        top1 = evaluate(model, s.eval_items, s.data_config, s.job.class_names, s.device,
+        top1 = evaluate(_classifier(s, model), s.eval_items, s.data_config, s.job.class_names, s.device,
                         batch_size=s.job.student.batch_size, workers=s.job.student.workers)["top1"]
     return top1
 
@@ -559,8 +575,12 @@ def _finalize(s: _Setup) -> dict:
         "job_hash": s.key,
         "versions": {"torch": torch.__version__, "timm": timm_version},
     }
+    if s.head is not None:
+        config.update(s.head.config())
     if main:
         _write_weights(paths.student_weights, final)
+        if s.head is not None:  # the class text-embedding matrix the export ships beside the model
+            config["text_embeddings_sha256"] = s.head.save_text(out_dir, class_names)
         write_json(paths.student_config, config)
 
     n = len(s.dataset)
@@ -580,11 +600,11 @@ def _finalize(s: _Setup) -> dict:
         "eval": None,
     }
     if s.eval_items and main:  # rank 0 alone evaluates
-        ev = evaluate(final, s.eval_items, s.data_config, class_names, s.device, batch_size=cfg.batch_size,
+        ev = evaluate(_classifier(s, final), s.eval_items, s.data_config, class_names, s.device, batch_size=cfg.batch_size,
                       workers=cfg.workers)
         metrics["eval"] = {"folder": job.data.eval, **ev}
         if s.ema is not None:  # also the raw weights, to show what the EMA bought
-            metrics["eval"]["top1_without_ema"] = evaluate(s.model, s.eval_items, s.data_config, class_names,
+            metrics["eval"]["top1_without_ema"] = evaluate(_classifier(s, s.model), s.eval_items, s.data_config, class_names,
                                                            s.device, batch_size=cfg.batch_size,
                                                            workers=cfg.workers)["top1"]
         if main:
@@ -599,6 +619,11 @@ def _finalize(s: _Setup) -> dict:
     if main:
         log(f"student: done; final train loss {metrics['train_loss']:.4f}, wrote {out_dir}.")
     return metrics
+
+
+def _classifier(s: _Setup, model: torch.nn.Module) -> torch.nn.Module:
+    """What classifies: the model, or for an embedding head scale * cos(model(x), class text embeddings)."""
+    return model if s.head is None else s.head.classifier(model)
 
 
 def _write_weights(path: Path, model: torch.nn.Module) -> None:
