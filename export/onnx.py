@@ -114,7 +114,8 @@ def export_onnx(job, *, progress: bool = True) -> dict:
     inputs = [paths.student_weights, paths.student_config]
     from distillery.student.embedding import TEXT_FILE
 
-    if (paths.student / TEXT_FILE).is_file() and read_json(paths.student_config).get("head") == "embedding":
+    if (paths.student / TEXT_FILE).is_file() and paths.student_config.is_file() \
+            and read_json(paths.student_config).get("head") == "embedding":
         inputs.append(paths.student / TEXT_FILE)  # an embedding student's class matrix is part of what is exported
     for p in inputs:
         if not p.is_file():

@@ -126,7 +126,7 @@ def test_text_matrix_is_the_clip_teachers(run):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
-def test_export_runtime_cosine_agrees_with_torch_and_swaps_classes(run, tmp_path):
+def test_export_runtime_cosine_agrees_with_torch_and_swaps_classes(run, tmp_path, capsys):
     import shutil
 
     from distillery.runtime import Classifier
@@ -172,8 +172,10 @@ def test_export_runtime_cosine_agrees_with_torch_and_swaps_classes(run, tmp_path
     # a side file from the CLI
     side = tmp_path / "mine.npz"
     save_class_embeddings(side, text[::-1], new_names)
+    capsys.readouterr()
     rc = run_main([str(paths.export), images[0], "--json", "--text-embeddings", str(side)])
     assert rc == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["label"] == f"new {before[0]}"
 
     # clear errors: wrong dimension, missing or altered side file (naming it)
     with pytest.raises(ValueError, match="dimension 5 but the model's embedding has 32"):
