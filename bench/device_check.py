@@ -85,12 +85,12 @@ def check_onnxruntime(export: Path, cpu: bool) -> dict:
     return out
 
 
-def check_fp16_synthesis(cpu: bool) -> dict:
+def check_fp16_synthesis(cpu: bool, diffusion: Path | None = None) -> dict:
     import torch
 
     if not cpu and not torch.cuda.is_available():
         return {"ran": False, "why": "no CUDA device visible to torch"}
-    ref = REPO / "models" / "tiny" / "diffusion"
+    ref = diffusion or REPO / "models" / "tiny" / "diffusion"
     if not ref.is_dir():
         return {"ran": False, "why": f"{ref} is missing (make tiny-models)"}
     from distillery.models import load_diffusion
@@ -153,12 +153,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="an export folder with model.onnx / model.int8_qdq.onnx / model.sparse24.onnx")
     ap.add_argument("--cpu", action="store_true", help="smoke check on the CPU (measures nothing that matters)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--diffusion", type=Path, help="diffusion model folder for the fp16 synthesis check "
+                                                     "(default models/tiny/diffusion, built by make tiny-models)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     res, failed = {"cpu_smoke": args.cpu}, []
     with tempfile.TemporaryDirectory(prefix="distillery-device-") as tmp:
         steps = {"onnxruntime": lambda: check_onnxruntime(args.export or _tiny_export(Path(tmp)), args.cpu),
-                 "fp16_synthesis": lambda: check_fp16_synthesis(args.cpu),
+                 "fp16_synthesis": lambda: check_fp16_synthesis(args.cpu, args.diffusion),
                  "bf16_student": lambda: check_bf16_student(args.cpu),
                  "tensorrt": check_tensorrt}
         for name, fn in steps.items():

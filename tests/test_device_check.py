@@ -19,11 +19,11 @@ if REASON and os.environ.get("CI"):
 
 
 @pytest.mark.skipif(REASON is not None, reason=REASON or "")
-def test_device_check_cpu_smoke(tmp_path, capsys):
+def test_device_check_cpu_smoke(tmp_path, capsys, tiny_models):
     from bench.device_check import main
 
-    out = tmp_path / "dc.json"
-    assert main(["--cpu", "--json", str(out)]) == 0
+    out = tmp_path / "dc.json"  # a fresh clone has no models/tiny: the tests' own tiny diffusion model
+    assert main(["--cpu", "--json", str(out), "--diffusion", str(tiny_models["diffusion"])]) == 0
     r = json.loads(out.read_text())
     files = r["onnxruntime"]["files"]
     assert set(files) == {"fp32", "int8_qdq", "sparse24"}
