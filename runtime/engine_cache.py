@@ -39,15 +39,12 @@ KEY_FILE = "distillery-key.json"
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_BATCH_PROFILE = (1, 8, 32)  # min / opt / max batch
 KEY_FIELDS = ("model_sha256", "tensorrt", "gpu", "precision", "batch_profile")
+from .embeddings import file_sha256  # noqa: E402
+
 TRT_PROVIDER = "TensorrtExecutionProvider"
 
 
-def model_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+model_sha256 = file_sha256  # the sha256 of a model file, streamed (runtime/embeddings.py)
 
 
 def engine_key(model_sha256: str, tensorrt: str, gpu: str, precision: str,
