@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         from .rundir import run_lock
 
         with run_lock(job.run_path, "distillery " + " ".join(argv)):  # one stage at a time per run folder
+            from .rundir import clean_temp_files
+
+            clean_temp_files(job.run_path, recursive=True)  # half-written files of a killed run (we hold the folder)
             if args.command == "bundle":
                 from .bundle import make_bundle
 

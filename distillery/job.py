@@ -64,6 +64,7 @@ class LoraCfg:
     mixed_precision: str = "no"  # "no", "fp16" or "bf16" autocast; CUDA only (ignored on CPU)
     gradient_checkpointing: bool = False  # trade compute for memory; CUDA only (ignored on CPU)
     seed: int | None = None  # adapter init, batches, noise and timesteps; null = the job seed
+    checkpoint_steps: int = 100  # save a resumable checkpoint (teacher/lora/checkpoint.safetensors) every N steps; 0 = never
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
 
 
@@ -456,6 +457,8 @@ def validate(job: Job) -> Job:
     for k in ("alpha", "lr"):
         if getattr(lo, k) <= 0:
             raise JobError(f"teacher.lora.{k}: must be > 0, got {getattr(lo, k)}.")
+    if lo.checkpoint_steps < 0:
+        raise JobError(f"teacher.lora.checkpoint_steps: must be >= 0 (0 = no checkpoints), got {lo.checkpoint_steps}.")
     if lo.max_grad_norm < 0:
         raise JobError(f"teacher.lora.max_grad_norm: must be >= 0 (0 = no clipping), got {lo.max_grad_norm}.")
     if lo.resolution is not None and (lo.resolution < 8 or lo.resolution % 8):

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from . import killpoints
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default, read by pipe.load_lora_weights(folder)
 
@@ -186,15 +188,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        if killpoints.armed():  # testing hook: die with the temporary file complete but not renamed
+            killpoints.progress(f"write.{path.name}")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def clean_temp_files(folder: str | os.PathLike) -> list[str]:
+def clean_temp_files(folder: str | os.PathLike, recursive: bool = False) -> list[str]:
     """Remove the temporary files :func:`atomic_path` leaves in ``folder`` when a process is killed mid-write
-    (``.<name>.<random>.tmp<suffix>``); call it only while holding the folder (a stage's start, under the run
-    lock). Returns the names removed."""
+    (``.<name>.<random>.tmp<suffix>``); with ``recursive`` in every folder below it too (symlinks not followed).
+    Call it only while holding the folder (a stage's start, under the run lock). Returns the names removed
+    (relative to ``folder``)."""
     import re
 
     pattern = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[^.]+)?$")
@@ -202,10 +207,15 @@ def clean_temp_files(folder: str | os.PathLike) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         return removed
-    for p in sorted(folder.iterdir()):
-        if pattern.match(p.name) and p.is_file() and not p.is_symlink():
-            p.unlink(missing_ok=True)
-            removed.append(p.name)
+    if recursive:
+        dirs = [Path(d) for d, _, _ in os.walk(folder, followlinks=False)]
+    else:
+        dirs = [folder]
+    for d in sorted(dirs):
+        for p in sorted(d.iterdir()):
+            if pattern.match(p.name) and p.is_file() and not p.is_symlink():
+                p.unlink(missing_ok=True)
+                removed.append(p.relative_to(folder).as_posix())
     if removed:
         log(f"removed {len(removed)} temporary file(s) left by an interrupted write in {str(folder)!r}: "
             f"{', '.join(removed[:3])}{' ...' if len(removed) > 3 else ''}")

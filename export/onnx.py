@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from distillery import killpoints
 from distillery.job import DEFAULT_MIN_AGREEMENT
 from distillery.rundir import (RunPaths, is_done, log, mark_done, read_json, save_resolved_job, sha256_file,
                                stage_key, stamp_path, write_json)
@@ -158,6 +159,7 @@ def export_onnx(job, *, progress: bool = True) -> dict:
 
     torch.manual_seed(job.seed)
     info = _export_fp32(graph_model, config, cfg.opset, files["fp32"], progress)
+    killpoints.progress("export.fp32")  # testing hook: after each format's file
     batch = preprocess_batch(parity_paths, contract)  # the runtime's preprocessing, (N,3,H,W)
     reference = _torch_logits(model, batch)
     build_errors: dict[str, str] = {}
@@ -180,6 +182,7 @@ def export_onnx(job, *, progress: bool = True) -> dict:
             files[fmt].unlink(missing_ok=True)  # never leave an older file that looks current
             build_errors[fmt] = f"{type(e).__name__}: {e}"
             log(f"{STAGE}: building the optional {fmt} model failed ({build_errors[fmt]}); continuing without it")
+        killpoints.progress(f"export.{fmt}")
 
     report: dict[str, Any] = {
         "job": job.name,
@@ -242,6 +245,7 @@ def export_onnx(job, *, progress: bool = True) -> dict:
     elif pre_file.exists():
         pre_file.unlink()
     write_json(paths.export_report, report)
+    killpoints.progress("export.report")  # report written, not stamped yet
 
     if failed:
         fmt, line = failed[0]

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from distillery import killpoints
 from distillery.rundir import (RunPaths, atomic_path, clean_temp_files, is_done, log, mark_done, read_json,
                                save_resolved_job, stage_key, stamp_path, write_json)
 
@@ -200,6 +201,7 @@ def _prepare_cache(job, rows: list[dict], data_config: dict, progress: bool):
             log(f"student: decoding {len(todo)} images once into {cache.folder} ({size}x{size} uint8; "
                 f"{len(cache)} already there).")
         cache.add(todo, progress=progress)
+        killpoints.progress("student.cache")
     if get_dist_info()[1] > 1:
         barrier()
         if not is_main():
@@ -384,7 +386,11 @@ def _setup(job, key: str, eval_folders: list[str], progress: bool) -> _Setup:
                if world > 1 else "") + ".")
     # One loader for the whole run: workers stay alive between epochs; the sampler carries the epoch.
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
-                     prefetch_factor=4 if cfg.workers > 0 else None)
+                     prefetch_factor=4 if cfg.workers > 0 else None,
+                     # its own generator: each iterator draws a worker base seed, and from the global RNG that draw
+                     # would shift dropout's stream by how often a run was resumed (augmentation is keyed on
+                     # seed, epoch and image, so the worker seeds themselves change nothing)
+                     generator=torch.Generator().manual_seed(job.seed))
     if world > 1:
         s.loader = DataLoader(dataset, batch_sampler=ShardedBatchSampler(sampler, cfg.batch_size, rank, world),
                               **loader_kw)
@@ -531,6 +537,7 @@ def _fit(s: _Setup, progress: bool) -> None:
                 s.train_time += dt
                 _checkpoint(s, epoch, step)
                 t0 = time.perf_counter()
+            killpoints.progress("student.step", epoch * s.steps_per_epoch + step)  # testing hook: after step k
         dt = time.perf_counter() - t0
         s.acc["time"] += dt
         s.train_time += dt
@@ -541,6 +548,7 @@ def _fit(s: _Setup, progress: bool) -> None:
                           "eval_top1": _epoch_eval(s)})
         s.acc = _epoch_sums()
         _checkpoint(s, epoch + 1, 0)
+        killpoints.progress("student.epoch", epoch + 1)  # after the epoch-end checkpoint
     bar.close()
 
 
@@ -582,6 +590,7 @@ def _finalize(s: _Setup) -> dict:
         if s.head is not None:  # the class text-embedding matrix the export ships beside the model
             config["text_embeddings_sha256"] = s.head.save_text(out_dir, class_names)
         write_json(paths.student_config, config)
+        killpoints.progress("student.weights")  # weights written, metrics and stamp not yet
 
     n = len(s.dataset)
     metrics: dict[str, Any] = {

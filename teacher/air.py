@@ -552,6 +552,9 @@ def train_prompts(model, tokenizer, class_names: Sequence[str], weak_features, s
                     hist[key].append(sums[key] / n)
                 hist["agreement"].append(sums["agree"] / n)
                 hist["lr"].append(lr)
+                from distillery import killpoints
+
+                killpoints.progress("air.epoch", _epoch + 1)  # testing hook (no checkpoint: a rerun retrains)
             bar.close()
     finally:
         for p, f in flags:

@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from distillery import killpoints
 from distillery.rundir import RunPaths, is_done, log, mark_done, read_table, save_resolved_job, settings_hash, \
     write_table
 
@@ -329,11 +330,13 @@ def run_teachers(job, images, eval_images, executor, progress: bool = True, synt
         t0 = time.perf_counter()
         res = spec.run(ctx)
         elapsed = time.perf_counter() - t0
+        killpoints.progress(f"teacher.{name}.computed")  # testing hook: computed, nothing written yet
         _check_result(spec, res, len(images), len(eval_images) if eval_images is not None else None, len(job.classes),
                       len(syn_images) if syn_images is not None else None)
         for c, p in res.probs.items():
             _write_probs(paths.probs(c), images, p)
             columns[c] = np.asarray(p, np.float64)
+            killpoints.progress(f"teacher.{name}.column")
         for o in extra_outs:
             o.unlink(missing_ok=True)
         for c, p in res.eval_probs.items():
@@ -345,6 +348,7 @@ def run_teachers(job, images, eval_images, executor, progress: bool = True, synt
         for tname, rows in res.tables.items():
             write_table(ctx.out_dir / f"{tname}.parquet", rows)
         stamp = {**res.info, "images": len(images), "seconds": round(elapsed, 2)}
+        killpoints.progress(f"teacher.{name}.written")  # every output written, not stamped yet
         mark_done(paths.teacher, stage, key, stamp)
         log(f"{name}: {len(images)} images in {elapsed:.1f}s -> {', '.join(o.name for o in outs)}")
         info[name] = {**stamp, "computed": len(images)}

@@ -305,6 +305,9 @@ class DescriptionCache:
         with atomic_path(self.folder / f"part-{n:06d}.parquet") as tmp:
             pq.write_table(pa.table(cols), tmp)
         self._texts.update(zip(cols["key"], cols["text"]))
+        from distillery import killpoints
+
+        killpoints.progress("latte.descriptions")  # testing hook: after a part is committed
 
     def compact(self) -> None:
         """Merge all parts into one (the merged part is written first, then the old ones removed)."""

@@ -119,6 +119,9 @@ def _write_ensemble(job, images, files: dict, synthetic: list[dict] | None) -> d
     pl.update({"soft_target": soft.astype(np.float32).tolist(), "label": label.astype(np.int64).tolist(),
                "confidence": conf.astype(np.float32).tolist(), "agreement": agree.astype(np.float32).tolist()})
     write_table(paths.pseudo_labels, pl)
+    from distillery import killpoints
+
+    killpoints.progress("ensemble.pseudo_labels")  # testing hook: before the manifest
 
     provenance = "ensemble:" + ",".join(f"{c}={weights[c]:g}" for c in sorted(used))
     rows = []

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from distillery import killpoints
 from distillery.rundir import atomic_path, read_json, settings_hash, write_json
 
 __all__ = ["FeatureStore", "model_fingerprint", "clip_feature_store", "clip_image_encoder"]
@@ -102,6 +103,7 @@ class FeatureStore:
         rows = self._load()
         for s, v in zip(sha256, features):
             rows[s] = v
+        killpoints.progress("features.shard")  # testing hook: after a shard is committed
 
     def ensure(self, paths: Sequence[os.PathLike], sha256: Sequence[str], make_fn: Callable[[], Callable],
                executor, batch_size: int, *, desc: str, progress: bool = True, shard_rows: int = 2048) -> int:

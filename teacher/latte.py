@@ -569,6 +569,9 @@ def _train(model, tokenizer, dataset, P, cfg, class_texts, device, opt, sched, s
                          "history": history}
                 with atomic_path(ckpt_path) as tmp:
                     torch.save(state, tmp)
+            from distillery import killpoints
+
+            killpoints.progress("latte.epoch", epoch + 1)  # testing hook: after the epoch's checkpoint
     finally:
         bar.close()
     return P, history

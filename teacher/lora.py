@@ -7,6 +7,12 @@ saved in the diffusers LoRA format, so ``pipe.load_lora_weights(folder)`` reads 
 
     runs/<job>/teacher/lora/pytorch_lora_weights.safetensors   the adapter
     runs/<job>/teacher/lora/loss.json                          loss per step, trainable share, timing
+    runs/<job>/teacher/lora/checkpoint.safetensors             while training: every teacher.lora.checkpoint_steps
+
+The checkpoint holds the adapter, the AdamW state, the grad scaler, the batch/noise generator's state, the step
+and the losses so far, in one safetensors file written atomically (no pickle). A killed run resumes from it and
+ends with the weights of an uninterrupted run (the same batches, noise and optimizer state; bit-identical on a
+CPU). It is removed once the adapter is written and the stage stamped.
 
 Synthesis loads it when it is present and ``teacher.lora.enabled``; its sha256 enters the synthesis
 stage key and the ``lora`` column of ``synthetic.parquet``, so new weights regenerate the images.
@@ -20,11 +26,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from distillery import killpoints
 from distillery.rundir import LORA_WEIGHT_NAME as WEIGHT_NAME  # diffusers' default name, read by load_lora_weights
 from distillery.rundir import RunPaths, canonical_safetensors, is_done, log, mark_done, read_json, save_resolved_job, \
     sha256_file, stage_key, write_json
 
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+CHECKPOINT_NAME = "checkpoint.safetensors"  # the resumable training state (teacher/lora/)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what the UNet predicts (the scheduler's prediction_type)
 
 
@@ -178,14 +186,77 @@ def training_example(vae, scheduler, pixels, gen) -> dict:
             "target": lora_target(scheduler, latents, noise, t)}
 
 
+def save_checkpoint(path: str | os.PathLike, key: str, step: int, losses: list[float], params: dict, opt, scaler,
+                    gen) -> None:
+    """The resumable state of :func:`train_lora` after ``step`` steps, as one safetensors file (atomically):
+    trainable parameters ``param.<name>``, AdamW state ``opt.<i>.<field>``, the generator state ``rng``; the
+    key, step, losses, optimizer param groups and grad scaler in the metadata (JSON)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from distillery.rundir import atomic_path
+
+    tensors = {f"param.{n}": p.detach().float().cpu().contiguous() for n, p in params.items()}
+    sd = opt.state_dict()
+    for i, st in sd["state"].items():
+        for field, v in st.items():
+            tensors[f"opt.{i}.{field}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    tensors["rng"] = gen.get_state()
+    meta = {"key": key, "step": json.dumps(step), "losses": json.dumps(losses),
+            "param_groups": json.dumps(sd["param_groups"]), "scaler": json.dumps(scaler.state_dict())}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_checkpoint(path: str | os.PathLike, key: str, params: dict, opt, scaler, gen) -> tuple[int, list[float]]:
+    """Restore what :func:`save_checkpoint` wrote into ``params``, ``opt``, ``scaler`` and ``gen``; returns
+    (step, losses). A missing, unreadable or foreign checkpoint (other stage key) returns (0, []) untouched."""
+    import json
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        return 0, []
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # a torn or foreign file: start over rather than crash on it
+        log(f"lora: ignoring unreadable checkpoint {path} ({type(e).__name__}: {e}); starting from step 0.")
+        return 0, []
+    if meta.get("key") != key or set(params) != {k[len("param."):] for k in tensors if k.startswith("param.")}:
+        log(f"lora: checkpoint {path} is from other settings or images; starting from step 0.")
+        return 0, []
+    for n, p in params.items():
+        p.data.copy_(tensors[f"param.{n}"].to(p.device, p.dtype))
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, field = k.split(".", 2)
+            state.setdefault(int(i), {})[field] = v
+    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    scaler_state = json.loads(meta["scaler"])
+    if scaler_state:
+        scaler.load_state_dict(scaler_state)
+    gen.set_state(tensors["rng"])
+    return int(json.loads(meta["step"])), list(json.loads(meta["losses"]))
+
+
 def train_lora(pipe, images: list[Path], text: str, cfg, resolution: int, seed: int, steps: int | None = None,
-               progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> list[float]:
+               progress: bool = True, on_step: Callable[[int, float], None] | None = None,
+               checkpoint: str | os.PathLike | None = None, key: str = "") -> list[float]:
     """Train the adapter already added to ``pipe.unet`` with the noise-prediction MSE; returns the loss per step.
 
     Each optimizer step takes ``cfg.grad_accum`` micro-batches of ``cfg.batch_size`` images drawn with
     replacement. Timesteps uniform over the scheduler's training range; the target is :func:`lora_target`
     (noise, velocity or clean latents, by the scheduler's prediction type). Deterministic for a given seed on a
     given device.
+
+    ``checkpoint``: a file to resume from (when it was written for ``key``) and to save to every
+    ``cfg.checkpoint_steps`` steps (:func:`save_checkpoint`); the losses returned include the resumed ones.
     """
     import torch
     import torch.nn.functional as F
@@ -203,15 +274,21 @@ def train_lora(pipe, images: list[Path], text: str, cfg, resolution: int, seed: 
     gen = torch.Generator("cpu").manual_seed(seed)
     with torch.no_grad():
         cond = pipe.encode_prompt([text], device, 1, False)[0]  # (1, L, D)
-    params = [p for p in unet.parameters() if p.requires_grad]
+    named = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+    params = list(named.values())
     if not params:
         raise ValueError("train_lora: the UNet has no trainable parameters; call add_lora(pipe.unet, ...) first.")
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    start, losses = load_checkpoint(checkpoint, key, named, opt, scaler, gen) if checkpoint else (0, [])
+    start = min(start, steps)
+    losses = losses[:start]
+    if start:
+        log(f"lora: resuming after step {start}/{steps} from {checkpoint}")
+    every = getattr(cfg, "checkpoint_steps", 0) if checkpoint else 0
     unet.train()
-    losses: list[float] = []
-    bar = tqdm(total=steps, desc="lora", unit="step", disable=not progress)
-    for step in range(steps):
+    bar = tqdm(total=steps, initial=start, desc="lora", unit="step", disable=not progress)
+    for step in range(start, steps):
         total = 0.0
         for _ in range(cfg.grad_accum):
             idx = torch.randint(len(images), (cfg.batch_size,), generator=gen).tolist()
@@ -233,6 +310,9 @@ def train_lora(pipe, images: list[Path], text: str, cfg, resolution: int, seed: 
         losses.append(total)
         bar.update(1)
         bar.set_postfix(loss=f"{total:.4f}")
+        if every and (step + 1) % every == 0 and step + 1 < steps:
+            save_checkpoint(checkpoint, key, step + 1, losses, named, opt, scaler, gen)
+        killpoints.progress("lora.step", step + 1)  # testing hook (distillery/killpoints.py)
         if on_step is not None:
             on_step(step, total)
     bar.close()
@@ -249,6 +329,7 @@ def lora_settings(job) -> dict:
 
     cfg = asdict(job.teacher.lora)
     cfg.pop("device")  # where it runs does not change what it means
+    cfg.pop("checkpoint_steps")  # nor how often it saves its progress
     return {"lora": cfg, "caption": caption(job), "resolution": train_resolution(job), "seed": lora_seed(job),
             "diffusion": job.models.diffusion, "target_modules": list(TARGET_MODULES)}
 
@@ -267,7 +348,14 @@ def run_lora(job, progress: bool = True, images=None) -> dict:
     images = image_set.paths
     key = stage_key(lora_settings(job), extra=list(image_set.sha256))
     weights, loss_file = paths.lora_weights, paths.lora_loss
+    ckpt = folder / CHECKPOINT_NAME
+    for stale in folder.glob(".save-*") if folder.is_dir() else []:  # save_lora's folder of a killed write
+        if stale.is_dir():
+            import shutil
+
+            shutil.rmtree(stale, ignore_errors=True)
     if is_done(folder, "lora", key, [weights, loss_file]):
+        ckpt.unlink(missing_ok=True)  # left by a run killed between its stamp and the removal
         info = read_json(loss_file)
         log(f"lora: up to date ({weights}, trainable share {info['trainable_share']:.4%})")
         return {k: v for k, v in info.items() if k != "loss"}
@@ -287,7 +375,9 @@ def run_lora(job, progress: bool = True, images=None) -> dict:
         f"{counts['trainable_params']:,} of {counts['unet_params']:,} UNet parameters "
         f"({counts['trainable_share']:.4%})")
     t1 = time.perf_counter()
-    losses = train_lora(pipe, images, caption(job), cfg, res, lora_seed(job), progress=progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    losses = train_lora(pipe, images, caption(job), cfg, res, lora_seed(job), progress=progress, checkpoint=ckpt,
+                        key=key)
     train_s = time.perf_counter() - t1
     if not all(math.isfinite(x) for x in losses):
         raise FloatingPointError(f"lora: the loss became {losses[-1]} (not finite); lower teacher.lora.lr "
@@ -295,6 +385,7 @@ def run_lora(job, progress: bool = True, images=None) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     save_resolved_job(job, folder)
     save_lora(pipe, folder)
+    killpoints.progress("lora.saved")
     first, last = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10):]
     info = {**counts, "caption": caption(job), "images": len(images), "steps": len(losses), "resolution": res,
             "device": device, "train_seconds": round(train_s, 2), "seconds": round(time.perf_counter() - t0, 2),
@@ -302,6 +393,7 @@ def run_lora(job, progress: bool = True, images=None) -> dict:
             "sha256": sha256_file(weights)}
     write_json(loss_file, {**info, "loss": losses})
     mark_done(folder, "lora", key, {"sha256": info["sha256"]})
+    ckpt.unlink(missing_ok=True)  # the adapter is written and stamped: the training state is no longer needed
     log(f"lora: wrote {weights} (loss {info['loss_first_10pct']:.4f} -> {info['loss_last_10pct']:.4f}, "
         f"{train_s:.1f}s)")
     del pipe

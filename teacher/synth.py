@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distillery import killpoints
 from distillery.rundir import (RunPaths, atomic_path, is_done, log, mark_done, read_table, save_resolved_job,
                                settings_hash, sha256_file, stage_key, write_table)
 
@@ -333,6 +334,8 @@ def run_synth(job, progress: bool = True, executor=None) -> dict:
                     logf.write(json.dumps({"relpath": p.relpath, "sha256": sha256_file(dest),
                                            "recipe": image_recipe(p, job, lora_sha), "full_sha256": full_sha}) + "\n")
                     logf.flush()
+                    killpoints.progress("synth.image")  # testing hook: after the k-th image of this process
+                killpoints.progress("synth.batch")
     elapsed = time.perf_counter() - t0
     recorded = _recorded(paths)
     rows = []
@@ -350,6 +353,7 @@ def run_synth(job, progress: bool = True, executor=None) -> dict:
         d["antialias"] = s.antialias
         rows.append(d)
     write_table(paths.synthetic, rows)
+    killpoints.progress("synth.table")
     _progress_log(paths).unlink(missing_ok=True)
     write_grids(job, rows)
     mark_done(paths.teacher, "synth", key, {"images": len(rows)})

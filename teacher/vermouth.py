@@ -524,6 +524,7 @@ def run_vermouth(ctx) -> TeacherResult:
     import torch
     from tqdm import tqdm
 
+    from distillery import killpoints
     from distillery.models import load_clip
     from distillery.rundir import log, sha256_file
 
@@ -663,6 +664,7 @@ def run_vermouth(ctx) -> TeacherResult:
         hist["epoch"].append(epoch)
         hist["loss"].append(tot / len(rows))
         hist["train_accuracy"].append(correct / len(rows))
+        killpoints.progress("vermouth.epoch", epoch + 1)  # testing hook (no checkpoint: a rerun retrains)
     bar.close()
     if not all(math.isfinite(x) for x in hist["loss"]):
         raise FloatingPointError(f"{KEY}: the training loss became {hist['loss'][-1]}; lower {KEY}.lr (now {cfg.lr}).")

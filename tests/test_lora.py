@@ -218,3 +218,46 @@ def test_same_settings_give_byte_identical_files_in_fresh_processes(tiny_models,
     with safe_open(str(files[0]), "pt") as f:
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
     assert meta["unet.target_modules"] == sorted(meta["unet.target_modules"])
+
+
+def test_lora_resumes_from_a_step_checkpoint_to_the_same_weights(tiny_models, tmp_path):
+    """Interrupted after step 3 (checkpoint at step 2), a fresh adapter resumed from the checkpoint ends with the
+    losses and weights of an uninterrupted 5-step run; a checkpoint of another stage key is ignored."""
+    from distillery.models import load_diffusion
+    from tests.conftest import SAMPLE
+
+    images = list_images(SAMPLE / "unlabeled")[:8]
+    cfg = LoraCfg(lr=1e-2, batch_size=2, checkpoint_steps=2)
+
+    def fresh():
+        pipe = load_diffusion(str(tiny_models["diffusion"]))
+        lora.add_lora(pipe.unet, rank=4, alpha=8.0, seed=0)
+        return pipe
+
+    def weights(pipe):
+        return {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if p.requires_grad}
+
+    def train(pipe, **kw):
+        return lora.train_lora(pipe, images, "a satellite photo", cfg, 64, seed=0, steps=5, progress=False, **kw)
+
+    ref = fresh()
+    ref_losses = train(ref)
+    ck = tmp_path / lora.CHECKPOINT_NAME
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_third(step, _):
+        if step == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(fresh(), checkpoint=ck, key="k", on_step=stop_after_third)
+    assert ck.is_file()
+    resumed = fresh()
+    assert train(resumed, checkpoint=ck, key="k") == ref_losses
+    for n, w in weights(ref).items():
+        d = (weights(resumed)[n] - w).abs().max().item()
+        assert d <= 1e-7, f"{n}: max |diff| {d:.3g} after resuming"
+    other = fresh()
+    assert train(other, checkpoint=ck, key="other-settings") == ref_losses  # started over, same result

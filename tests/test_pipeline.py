@@ -107,24 +107,24 @@ def test_bad_job_exits_2_with_message(tmp_path, capsys):
 
 
 def test_kill_mid_synthesis_then_rerun_completes(tmp_path, tiny_models, small_unlabeled):
+    """SIGKILL right after the 7th synthetic image is committed (a kill point, distillery/killpoints.py: no
+    wall-clock sleep); the rerun keeps those 7 and makes the rest."""
     job = write_job(tmp_path, tiny_models, small_unlabeled, images_per_class=6, batch_size=2, steps=4)
     paths = RunPaths(tmp_path / "run")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(DISTILLERY + ["teacher", "--job", str(job), "--no-progress"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(paths.synthetic_dir.rglob("*.png"))) < 6:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    env = {k: v for k, v in os.environ.items() if k != "DISTILLERY_KILL_AT"}
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    killed = subprocess.run(DISTILLERY + ["teacher", "--job", str(job), "--no-progress"],
+                            env=dict(env, DISTILLERY_KILL_AT="synth.image:7"), capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL and "kill point synth.image:7: SIGKILL" in killed.stderr, \
+        killed.stderr[-2000:]
     n_before = len(list(paths.synthetic_dir.rglob("*.png")))
-    assert 6 <= n_before < 60, f"killed too late or too early: {n_before} images"
+    assert n_before == 7, f"{n_before} images on disk after the kill at the 7th"
     assert not paths.synthetic.exists()
     done = subprocess.run(DISTILLERY + ["teacher", "--job", str(job), "--no-progress"], env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Loading pipeline components" not in done.stderr  # --no-progress silences the libraries' bars too
-    assert f"{n_before} already on disk" in done.stderr or f"{n_before - 1} already on disk" in done.stderr
+    assert "7 already on disk" in done.stderr, done.stderr[-2000:]
     rows = read_table(paths.synthetic)
     files = sorted(paths.synthetic_dir.rglob("*.png"))
     assert len(rows) == 60 and len(files) == 60 and not list(paths.teacher.rglob("*.tmp*"))
