@@ -63,7 +63,7 @@ report: $(STAMP)
 	$(BIN)/distillery report --job $(JOB) $(ARGS)
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 # Speed/quality figures as ratios in one run: `make bench` (all) or `make bench BENCH="synth runtime"`.
 bench: $(STAMP) $(TINY)
