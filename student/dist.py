@@ -108,7 +108,10 @@ def kill_hook(global_step: int) -> None:
     if want and int(want) == global_step:
         import signal
 
-        os.kill(_env_int(LAUNCHER_PID, os.getpid()), signal.SIGKILL)
+        launcher = _env_int(LAUNCHER_PID, os.getpid())
+        os.kill(launcher, signal.SIGKILL)
+        if launcher != os.getpid():  # and this rank at once: on a loaded machine it could otherwise write the next
+            os.kill(os.getpid(), signal.SIGKILL)  # checkpoint before its parent-death signal arrives
 
 
 def check_nproc(nproc: int, cores: int | None = None) -> str | None:
