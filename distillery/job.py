@@ -9,6 +9,7 @@ Relative paths in a job file are resolved against the folder the job file sits i
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,11 +91,20 @@ class SynthCfg:
 @dataclass
 class EnsembleCfg:
     weights: dict[str, float] = field(default_factory=dict)  # teacher column -> fixed weight; {} = learned without labels (see weighting)
-    weighting: str = "agreement"  # with weights {}: over each teacher's final column nobody builds on (air_prompt, not the clip it refines): "agreement" (each weighted by how often its argmax agrees with the others') or "equal"
+    weighting: str = "dawid_skene"  # with weights {}: "dawid_skene" (every column, weighted by its accuracy estimated without labels; teacher/fusion.py), or over each teacher's final column nobody builds on: "agreement" (how often its argmax agrees with the others') or "equal"
+    redundancy_kappa: float = 0.9  # dawid_skene: columns whose Cohen's kappa reaches this count once (copies); the columns of one teacher always do
+    collapse_tv: float = 0.5  # dawid_skene: a column whose predicted-class histogram is further than this (total variation) from the prior is dropped (1 = never)
     drop_synthetic_below: float = 0.0  # drop a synthetic image when the fused probability of its generating class is below this (0 = keep all; e.g. 0.05)
     use_synthetic: bool = True  # put synthetic images in the training manifest
     synthetic_weight: float = 1.0  # per-row weight of synthetic images
     min_confidence: float = 0.0  # real images below this fused confidence get weight 0
+
+
+@dataclass
+class PriorCfg:
+    mode: str = "estimated"  # class prior the columns are matched to and selections made under (teacher/prior.py): none (the papers' behaviour), uniform, given, estimated (class sizes from the synthetic images' class means, not the text encoder)
+    given: dict[str, float] = field(default_factory=dict)  # mode given: class name -> share (fractions or counts; normalised); every class named
+    shrink: float = 0.0  # mode estimated: pi = (1 - shrink) * evidence + shrink * uniform (0 = the evidence alone; chosen in the stand-in bench: make bench BENCH=teacher_tune)
 
 
 def _registered_teachers() -> dict[str, type]:
@@ -109,6 +119,7 @@ class TeacherCfg:
     lora: LoraCfg = field(default_factory=LoraCfg)
     synth: SynthCfg = field(default_factory=SynthCfg)
     ensemble: EnsembleCfg = field(default_factory=EnsembleCfg)
+    prior: PriorCfg = field(default_factory=PriorCfg)
     # teacher.<name>: the settings of each registered probability teacher (teacher.clip, teacher.air, ...),
     # declared by the teacher's own module (see distillery/teacher/base.py), filled with defaults when absent.
     methods: dict[str, Any] = field(default_factory=dict)
@@ -547,11 +558,35 @@ def _validate_teachers(job: Job) -> None:
         if "synthetic" in TEACHERS[name].needs and not job.teacher.synth.enabled:
             raise JobError(f"teacher.{name}: needs the synthetic images, but teacher.synth.enabled is false; enable "
                            f"synthesis (or teacher.synth.source=table) or set teacher.{name}.enabled=false.")
+    pr = job.teacher.prior
+    from distillery.teacher.prior import PRIOR_MODES, given_prior
+
+    if pr.mode not in PRIOR_MODES:
+        raise JobError(f"teacher.prior.mode: unknown value {pr.mode!r}; choose {', '.join(PRIOR_MODES)} (none = no "
+                       "correction, the papers' behaviour).")
+    if not (isinstance(pr.shrink, (int, float)) and math.isfinite(pr.shrink) and 0.0 <= pr.shrink <= 1.0):
+        raise JobError(f"teacher.prior.shrink: must be a number in [0, 1] (0 = the evidence alone, 1 = uniform), "
+                       f"got {pr.shrink!r}.")
+    for k, v in pr.given.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise JobError(f"teacher.prior.given.{k}: share must be a number > 0, got {v!r}.")
+    if pr.mode == "given":
+        try:
+            given_prior(pr, job.class_names)
+        except ValueError as e:
+            raise JobError(str(e)) from e
+    elif pr.given:
+        raise JobError(f"teacher.prior.given is set but teacher.prior.mode is {pr.mode!r}; set teacher.prior.mode=given "
+                       "to use the shares, or remove teacher.prior.given.")
     columns = all_columns()
     en = job.teacher.ensemble
-    if en.weighting not in ("agreement", "equal"):
-        raise JobError(f"teacher.ensemble.weighting: unknown value {en.weighting!r}; choose agreement or equal (or "
-                       "give fixed teacher.ensemble.weights).")
+    if en.weighting not in ("dawid_skene", "agreement", "equal"):
+        raise JobError(f"teacher.ensemble.weighting: unknown value {en.weighting!r}; choose dawid_skene, agreement or "
+                       "equal (or give fixed teacher.ensemble.weights).")
+    for name, lo, hi in (("redundancy_kappa", 0.0, 1.0), ("collapse_tv", 0.0, 1.0)):
+        v = getattr(en, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo < v <= hi:
+            raise JobError(f"teacher.ensemble.{name}: must be a number in ({lo:g}, {hi:g}], got {v!r}.")
     if not 0.0 <= en.drop_synthetic_below < 1.0:
         raise JobError(f"teacher.ensemble.drop_synthetic_below: must be in [0, 1) (0 = keep every synthetic image), "
                        f"got {en.drop_synthetic_below}.")

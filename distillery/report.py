@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .rundir import RunPaths, log, read_json, read_stamp, write_bytes
+from .rundir import RunPaths, log, read_json, read_stamp, stamp_path, write_bytes
 
 __all__ = ["build_report", "refresh_report", "agreement_matrix", "confusion_png", "runtime_snippet"]
 
@@ -331,12 +331,37 @@ def _teachers(run: _Run) -> Section | None:
             ax.set_title("Agreement: share of images where two columns' argmax match (no labels)", fontsize=9)
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
             sec.figures.append(Figure("Agreement matrix between columns", data_uri(_png(fig, prov)), prov))
+    if p.prior.is_file():
+        pr = read_json(p.prior)
+        sec.facts.append(("class prior", f"{pr.get('mode')} (asked: {pr.get('requested')}): {pr.get('why', '')}"))
+        rows_pr = []
+        matched = {t: read_stamp(p.teacher, f"teacher-{t}").get("prior_match") or {}
+                   for t in ("clip",) if stamp_path(p.teacher, f"teacher-{t}").is_file()}
+        zs = matched.get("clip", {}).get("clip") or {}
+        for i, name in enumerate(classes):
+            share = pr["prior"][i] if pr.get("prior") else None
+            rows_pr.append([name, _fmt(share, 3) if share is not None else "-",
+                            str(zs["counts_uncorrected"][i]) if zs else "-", str(zs["counts"][i]) if zs else "-"])
+        sec.tables.append({"title": "Class prior: the shares every column is matched to, and the zero-shot CLIP "
+                                    "column's argmax counts before and after",
+                           "head": ["class", "prior share", "clip before", "clip after"], "rows": rows_pr,
+                           "note": "teacher/prior.json; each column's own counts before/after are in its stamp "
+                                   "(prior_match)"})
     st = read_stamp(p.teacher, "ensemble")
     if st:
         weights = st.get("weights") or {}
-        sec.tables.append({"title": "Ensemble weights", "head": ["column", "weight"],
-                           "rows": [[c, _fmt(float(w), 4)] for c, w in weights.items()],
-                           "note": f"why: {st.get('weights_why', '')}"})
+        det = st.get("weights_details") or {}
+        est = det.get("estimated_accuracy") or {}
+        ev_cols = read_json(p.teacher_eval).get("columns", {}) if p.teacher_eval.is_file() else {}
+        head = ["column", "weight", "estimated accuracy (no labels)"] + (["top-1 on data.eval"] if ev_cols else [])
+        all_cols = list(dict.fromkeys([*(det.get("columns") or []), *weights]))
+        sec.tables.append({"title": "Ensemble weights", "head": head,
+                           "rows": [[c, _fmt(float(weights.get(c, 0.0)), 4), _fmt(est.get(c), 3) if c in est else
+                                     ("dropped" if c in (det.get("dropped") or {}) else "-"),
+                                     *([_fmt((ev_cols.get(c) or {}).get("top1"))] if ev_cols else [])]
+                                    for c in all_cols],
+                           "note": f"why: {st.get('weights_why', '')}" +
+                                   (f"; groups counted once: {det.get('groups')}" if det.get("groups") else "")})
         d = st.get("synthetic_dropped") or {}
         if d.get("threshold"):
             sec.facts.append(("synthetic images dropped",
@@ -366,8 +391,9 @@ def _teachers(run: _Run) -> Section | None:
         cols = ev.get("columns", {})
         sec.tables.append({
             "title": f"Top-1 on data.eval ({ev.get('images')} labeled images; evaluation only, never used to train)",
-            "head": ["column", "top-1", *classes],
-            "rows": [[c, _fmt(v.get("top1")), *[_fmt((v.get("per_class") or {}).get(n), 2) for n in classes]]
+            "head": ["column", "top-1", "before the prior", *classes],
+            "rows": [[c, _fmt(v.get("top1")), _fmt(v.get("top1_uncorrected")) if "top1_uncorrected" in v else "-",
+                      *[_fmt((v.get("per_class") or {}).get(n), 2) for n in classes]]
                      for c, v in cols.items()]})
     return sec
 
@@ -506,7 +532,8 @@ def _sources(paths: RunPaths, sid: str) -> list[Path]:
                 *sorted(p.grids.glob("*.png"))]
     if sid == "teachers":
         return [p.pseudo_labels, p.images_index, p.teacher_eval, stamp_path(p.teacher, "ensemble"),
-                stamp_path(p.teacher, "teacher-air"), p.grid("air_prototypes")]
+                stamp_path(p.teacher, "teacher-air"), p.grid("air_prototypes"), p.prior,
+                stamp_path(p.teacher, "teacher-clip")]
     if sid == "student":
         return [p.student_metrics, p.student_config, stamp_path(p.student, "student")]
     return [p.export_report, stamp_path(p.export, "export"), p.student_metrics]

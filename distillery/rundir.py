@@ -101,6 +101,15 @@ class RunPaths:
     def eval_probs(self, column: str) -> Path:
         return self.eval_probs_dir / f"{column}.parquet"
 
+    def eval_probs_uncorrected(self, column: str) -> Path:
+        """A column on the evaluation images before the class-prior correction (teacher/prior.py)."""
+        return self.eval_probs_dir / "uncorrected" / f"{column}.parquet"
+
+    @property
+    def prior(self) -> Path:
+        """The run's class prior (teacher/prior.py): mode, shares, evidence."""
+        return self.teacher / "prior.json"
+
     def synthetic_probs(self, column: str) -> Path:
         """A column's probabilities on the synthetic images (for the ensemble's synthetic filter)."""
         return self.teacher / "synthetic_probs" / f"{column}.parquet"

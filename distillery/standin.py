@@ -18,8 +18,10 @@ Output (``--out``, default ``models/standin``), each in its library's own local 
 
     clip/             open_clip_config.json + open_clip_model.safetensors -> distillery.models.load_clip
     expert/           config.json + model.safetensors (timm resnet18, num_classes 0) -> load_expert
-    generator/<i>-<slug>/*.png   S(generator images), 120 per class
+    generator/<i>-<slug>/*.png   S(generator images), 120 per class: the "base" generator (source style)
     generator.parquet path, class_index, class_name, sha256, source, provenance
+    generator_adapted/, generator_adapted.parquet   the same images through S at half strength: the "adapted"
+                      generator, standing in for a domain-LoRA-adapted one (never the untransformed images)
     standin.json      settings, calibration figures, timings
     .standin.stamp.json  the content hash the folder was built from: rebuilt only when it changes
 
@@ -86,6 +88,25 @@ class SourceShift:
 
 
 SHIFT = SourceShift()
+
+
+def partial_shift(strength: float, shift: SourceShift = SHIFT) -> SourceShift:
+    """S at a fraction of its strength: every parameter moved that fraction of the way from the identity
+    (saturation, contrast and gain from 1, blur and offset from 0); 1 = S, 0 = no change."""
+    if strength == 1:
+        return shift
+    return SourceShift(saturation=1 + strength * (shift.saturation - 1), blur=strength * shift.blur,
+                       contrast=1 + strength * (shift.contrast - 1),
+                       gain=tuple(1 + strength * (g - 1) for g in shift.gain), offset=strength * shift.offset)
+
+
+# The two generator variants (fixed before any measurement; README "The stand-in world"):
+# base    = S(images): a generator whose images are in the source style, as Stable Diffusion's web-photo style is
+#           for satellite tiles without adaptation;
+# adapted = S at half strength: generated images moved part of the way to the target style, as a domain LoRA
+#           trained on the unlabeled target images moves them (AiR: +3.4 to +8 points). Never the untransformed
+#           images: those would be labeled target data, not a generator.
+GENERATOR_VARIANTS = {"base": 1.0, "adapted": 0.5}
 
 
 def source_transform(img, shift: SourceShift = SHIFT):
@@ -421,24 +442,52 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def write_generator(items: list[dict], out: Path) -> list[dict]:
-    """S(generator images) as PNG under ``generator/<class-index>-<slug>/`` and their table rows."""
+def generator_table(variant: str) -> str:
+    """The table of a generator variant: ``generator.parquet`` (base) or ``generator_<variant>.parquet``."""
+    if variant not in GENERATOR_VARIANTS:
+        raise ValueError(f"standin: unknown generator variant {variant!r}; choose {', '.join(GENERATOR_VARIANTS)}.")
+    return "generator.parquet" if variant == "base" else f"generator_{variant}.parquet"
+
+
+def write_generator(items: list[dict], out: Path, variant: str = "base") -> list[dict]:
+    """S(generator images) as PNG under ``generator/<class-index>-<slug>/`` (``generator_<variant>/`` for the other
+    variants: S at the variant's strength) and their table rows (:func:`generator_table`)."""
     from PIL import Image
 
     from .rundir import write_table
 
+    strength = GENERATOR_VARIANTS[variant]
+    shift = partial_shift(strength)
+    folder = "generator" if variant == "base" else f"generator_{variant}"
+    what = "S" if strength == 1 else f"S at {strength:g} strength"
     rows = []
     for it in items:
-        rel = Path("generator") / f"{it['class_index']}-{_slug(it['class_name'])}" / (Path(it["path"]).stem + ".png")
+        rel = Path(folder) / f"{it['class_index']}-{_slug(it['class_name'])}" / (Path(it["path"]).stem + ".png")
         dest = out / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         with Image.open(it["path"]) as im:
-            source_transform(im.convert("RGB")).save(dest, format="PNG")
+            source_transform(im.convert("RGB"), shift).save(dest, format="PNG")
         rows.append({"path": rel.as_posix(), "class_index": it["class_index"], "class_name": it["class_name"],
                      "sha256": sha256_file(dest), "source": f"labeled_pool/{it['folder']}/{Path(it['path']).name}",
-                     "provenance": "standin: S(labeled_pool image), standing in for a text-to-image generator"})
-    write_table(out / "generator.parquet", rows)
+                     "provenance": f"standin ({variant} generator): {what}(labeled_pool image), standing in for a "
+                                   "text-to-image generator"})
+    write_table(out / generator_table(variant), rows)
     return rows
+
+
+def ensure_generators(items: list[dict], out: Path) -> None:
+    """Write every generator variant missing from a built stand-in folder (images only: seconds, no training).
+    A variant's table is (re)written when its strength is not the one recorded in ``generators.json``."""
+    gen = [it for it in items if it["part"] == "generator"]
+    record = out / "generators.json"
+    have = json.loads(record.read_text()) if record.is_file() else {}
+    for variant, strength in GENERATOR_VARIANTS.items():
+        if have.get(variant) == strength and (out / generator_table(variant)).is_file():
+            continue
+        write_generator(gen, out, variant)
+        have[variant] = strength
+        log(f"standin: wrote the {variant} generator images ({len(gen)}, S at strength {strength:g})")
+    record.write_text(json.dumps(have, indent=2, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,6 +510,7 @@ def build_standin(out: str | Path = "models/standin", data: str | Path = "../sha
     if not force and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key \
             and (out / "standin.json").is_file():
         log(f"standin: up to date ({out})")
+        ensure_generators(items, out)
         return json.loads((out / "standin.json").read_text())
     threads = torch.get_num_threads()
     torch.set_num_threads(s.threads)
@@ -493,7 +543,7 @@ def build_standin(out: str | Path = "models/standin", data: str | Path = "../sha
                       "shifted_top1": expert_top1(expert, expert_cfg, x_gen_s, y_gen)}
         save_expert(expert, expert_cfg, tmp / "expert")
         t0 = time.perf_counter()
-        write_generator(gen, tmp)
+        ensure_generators(items, tmp)
         timings["generator_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - t_all
         info = {"version": VERSION, "key": key, "settings": asdict(s), "shift": asdict(SHIFT),

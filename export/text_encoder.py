@@ -49,8 +49,10 @@ def export_text_encoder(job, out_dir: Path, opset: int, progress: bool = True) -
     from distillery.models import load_clip
     from distillery.runtime.text import TEXT_ENCODER_FILE, TEXT_METADATA_KEY, TextEncoder
     from distillery.runtime.tokenizer import VOCAB_FILE
+    from distillery.teacher.clip import logit_scale_of
 
     clip, _, tokenizer = load_clip(job.models.clip, device="cpu")
+    scale = logit_scale_of(job.teacher.clip.logit_scale, clip)
     if not isinstance(tokenizer, OpenClipTokenizer) or getattr(tokenizer, "reduction_fn", None) is not None:
         raise ValueError(f"export.text_encoder: {job.models.clip!r} uses the tokenizer {type(tokenizer).__name__}; "
                          "only open_clip's SimpleTokenizer (CLIP's BPE) has a numpy twin in the runtime.")
@@ -74,7 +76,7 @@ def export_text_encoder(job, out_dir: Path, opset: int, progress: bool = True) -
         probe = model(tokenizer(prompts[:2]))
     meta = {"kind": "clip_text_encoder", "clip": job.models.clip, "vocab": VOCAB_FILE, "vocab_sha256": sha256_file(vocab),
             "context_length": ctx, "embedding_dim": int(probe.shape[1]), "templates": list(cfg.templates),
-            "domain": job.domain_phrase, "logit_scale": float(cfg.logit_scale)}
+            "domain": job.domain_phrase, "logit_scale": scale}
     props = {p.key: p.value for p in proto.metadata_props}
     props[TEXT_METADATA_KEY] = json.dumps(meta, sort_keys=True)
     onnx.helper.set_model_props(proto, props)

@@ -190,7 +190,7 @@ def prepare_head(job) -> EmbeddingHead | None:
     if job.student.head == "logits":
         return None
     from distillery.models import load_clip
-    from distillery.teacher.clip import class_weights
+    from distillery.teacher.clip import class_weights, logit_scale_of
 
     clip = job.teacher.clip
     model, preprocess, tokenizer = load_clip(job.models.clip, device="cpu")
@@ -198,6 +198,6 @@ def prepare_head(job) -> EmbeddingHead | None:
     info = {"clip": job.models.clip, "templates": list(clip.templates), "domain": job.domain_phrase,
             "target": "CLIP image embedding of the un-augmented image (teacher feature store)",
             "distill": job.student.embedding_distill}
-    return EmbeddingHead(dim=int(text.shape[1]), text=text.astype(np.float32), logit_scale=float(clip.logit_scale),
+    return EmbeddingHead(dim=int(text.shape[1]), text=text.astype(np.float32), logit_scale=logit_scale_of(clip.logit_scale, model),
                          distill=float(job.student.embedding_distill), clip_ref=job.models.clip, info=info,
                          _clip=(model, preprocess))

@@ -25,6 +25,7 @@ from . import clip as _clip  # noqa: F401,E402  (importing a teacher module regi
 from . import air as _air  # noqa: F401,E402
 from . import latte as _latte  # noqa: F401,E402
 from . import vermouth as _vermouth  # noqa: F401,E402
+from . import transduct as _transduct  # noqa: F401,E402
 
 __all__ = ["TEACHERS", "TeacherContext", "TeacherResult", "TeacherSettings", "register_teacher", "all_columns",
            "teachers_to_run", "run_teacher", "dry_run", "model_refs", "model_roles"]
@@ -91,7 +92,10 @@ def run_teacher(job, progress: bool = True) -> dict:
     info.update(out["info"])
     info["ensemble"] = run_ensemble(job, progress, images=images, synthetic=synthetic, synthetic_file=synthetic_file)
     if evals is not None:
-        info["eval"] = evaluate_columns(job, evals, out["eval_columns"], info["ensemble"].get("weights"))
+        info["eval"] = evaluate_columns(job, evals, out["eval_columns"], info["ensemble"].get("weights"),
+                                        out.get("uncorrected_eval_columns"),
+                                        (info["ensemble"].get("weights_details") or {}).get("estimated_accuracy"),
+                                        info["ensemble"].get("fused_bias"))
     write_report(job, images)
     return info
 

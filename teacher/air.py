@@ -50,7 +50,7 @@ class AirCfg:
     k: int = 16  # prototypes kept per class (not published; 16 <= the smallest M of the paper's sweep (20) and the 16-shot count UPL/CPL use)
     fusion_lambda: float = 1.0  # λ in p* = p + λ p̂ (SPEC §3: not published, 1.0)
     aux_normalize: str = "softmax"  # how p̂ is made comparable to p: softmax(aux_scale · p̂), "sum" (shift >= 0, row sum 1) or "none"
-    aux_scale: float = 100.0  # logit scale of the "softmax" normalisation (the zero-shot CLIP scale)
+    aux_scale: float | None = None  # logit scale of the "softmax" normalisation; null = the CLIP model's own exp(logit_scale) (the zero-shot scale; 100 for a trained CLIP)
     prompt_learning: bool = True  # train the CoOp context on the fused pseudo-labels; false = the fused p* is the column
     n_ctx: int = 16  # learnable context tokens (UPL/CPL: 16)
     ctx_init: str = ""  # words whose token embeddings initialise the context ({domain} allowed, e.g. "a {domain} of a" with n_ctx 5); "" = N(0, 0.02) as UPL/CPL with 16 tokens
@@ -62,7 +62,7 @@ class AirCfg:
     momentum: float = 0.9  # SGD momentum (CoOp)
     weight_decay: float = 5e-4  # SGD weight decay (CoOp)
     warmup_epochs: int = 2  # linear warm-up epochs before the cosine decay (CPL: 2); capped below the run length
-    logit_scale: float = 100.0  # training logits = scale · norm(f) · norm(T)ᵀ; fixed (a trained CLIP's exp(logit_scale) is 100) and the same as prediction
+    logit_scale: float | None = None  # training and prediction logits = scale · norm(f) · norm(T)ᵀ; null = the CLIP model's own exp(logit_scale) (100 for a trained CLIP)
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1" ...
     seed: int | None = None  # context init, data order, strong augmentation; null = the job seed
 
@@ -88,7 +88,8 @@ class AirCfg:
         if self.aux_normalize not in AUX_NORMALIZATIONS:
             raise ValueError(f"{key}.aux_normalize: unknown value {self.aux_normalize!r}; choose from "
                              f"{', '.join(AUX_NORMALIZATIONS)}.")
-        _num(key, "aux_scale", self.aux_scale, 0.0, strict=True, fix="CLIP's zero-shot scale is 100")
+        if self.aux_scale is not None:
+            _num(key, "aux_scale", self.aux_scale, 0.0, strict=True, fix="use null for the model's own scale")
         _int(key, "n_ctx", self.n_ctx, 1, fix="CoOp/UPL/CPL use 16")
         if self.n_ctx > 60:
             raise ValueError(f"{key}.n_ctx: {self.n_ctx} context tokens leave too little of CLIP's 77-token text "
@@ -110,7 +111,8 @@ class AirCfg:
             raise ValueError(f"{key}.momentum: must be in [0, 1), got {self.momentum}; CoOp uses 0.9.")
         _num(key, "weight_decay", self.weight_decay, 0.0, fix="CoOp uses 5e-4")
         _int(key, "warmup_epochs", self.warmup_epochs, 0, fix="use 0 for no warm-up")
-        _num(key, "logit_scale", self.logit_scale, 0.0, strict=True, fix="CLIP's zero-shot scale is 100")
+        if self.logit_scale is not None:
+            _num(key, "logit_scale", self.logit_scale, 0.0, strict=True, fix="use null for the model's own scale")
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(f"{key}.device: expected a device name, got {self.device!r}; use auto, cpu, cuda or cuda:N.")
         _int(key, "seed", self.seed, None, allow_none=True, fix="use an integer or null for the job seed")
@@ -250,32 +252,41 @@ def fuse(p: np.ndarray, p_hat_norm: np.ndarray, lam: float = 1.0) -> tuple[np.nd
     return p_star, p_star / (1.0 + lam)
 
 
+def _scale(value: float | None) -> float:
+    """A logit-scale setting as a number: the stage resolves null to the model's own scale before calling the
+    pure functions; called directly with null they use a trained CLIP's 100."""
+    return 100.0 if value is None else float(value)
+
+
 def fused_probs(p_text: np.ndarray, image_features: np.ndarray, prototypes: Sequence[np.ndarray],
                 cfg: AirCfg) -> dict[str, np.ndarray]:
     """ACG + PLG in one call: {"p_hat": raw (N, C), "p_hat_norm": normalised, "p_star": p + λ p̂,
     "p_fused": p*/(1+λ)} (see ``normalize_aux`` and ``fuse``)."""
     p_hat = aux_scores(image_features, prototypes)
-    p_hat_norm = normalize_aux(p_hat, cfg.aux_normalize, cfg.aux_scale)
+    p_hat_norm = normalize_aux(p_hat, cfg.aux_normalize, _scale(cfg.aux_scale))
     p_star, p_fused = fuse(p_text, p_hat_norm, cfg.fusion_lambda)
     return {"p_hat": p_hat, "p_hat_norm": p_hat_norm, "p_star": p_star, "p_fused": p_fused}
 
 
-def select_confident(p_fused: np.ndarray, top_n: int) -> tuple[np.ndarray, np.ndarray]:
+def select_confident(p_fused: np.ndarray, top_n: int, keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(indices, labels): per class the top_n images by fused probability among those whose argmax is
-    that class (UPL/CPL-style pseudo-labelled training set).
+    that class (UPL/CPL-style pseudo-labelled training set; the selection without a class prior).
 
     p_fused (N, C). Each image belongs to at most one class (its argmax; an argmax tie goes to the lower
-    class index, as ``np.argmax``). Within a class, images are ranked by p_fused[:, c], highest first,
-    equal values keep the lower image index first. A class with fewer than top_n such images
-    contributes all it has (no padding, no borrowing from other classes); a class no image prefers
-    contributes none. Output is grouped by class (0..C-1), then by rank; both arrays are int64.
+    class index, as ``np.argmax``). Within a class, images are ranked by p_fused[:, c], highest first;
+    equal values are ordered by ``keys`` (a seeded hash per image, teacher/prior.py ``tie_key``), or by image
+    index when no keys are given. A class with fewer than top_n such images contributes all it has (no
+    padding, no borrowing from other classes); a class no image prefers contributes none. Output is grouped
+    by class (0..C-1), then by rank; both arrays are int64. With a class prior the stage selects with
+    ``prior.select_top`` instead (balanced labels, ranked by margin).
     """
     p_fused = np.asarray(p_fused)
     pred = p_fused.argmax(axis=1)  # (N,)
+    keys = np.arange(len(p_fused), dtype=np.float64) if keys is None else np.asarray(keys, np.float64)
     idx, lab = [], []
     for c in range(p_fused.shape[1]):
         rows = np.flatnonzero(pred == c)
-        rows = rows[np.argsort(-p_fused[rows, c], kind="stable")][:top_n]
+        rows = rows[np.lexsort((keys[rows], -p_fused[rows, c]))][:top_n]
         idx.append(rows)
         lab.append(np.full(len(rows), c))
     return np.concatenate(idx).astype(np.int64), np.concatenate(lab).astype(np.int64)
@@ -499,7 +510,7 @@ def train_prompts(model, tokenizer, class_names: Sequence[str], weak_features, s
     steps_per_epoch = math.ceil(n / bs)
     total = cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_epochs * steps_per_epoch
-    scale = float(cfg.logit_scale)
+    scale = _scale(cfg.logit_scale)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     hist: dict[str, Any] = {k: [] for k in ("loss", "loss_r", "loss_s", "agreement", "lr")}
@@ -660,9 +671,10 @@ def context_text_features(model, tokenizer, ctx, class_names: Sequence[str]):
 
 
 def predict_with_context(model, tokenizer, ctx, class_names: Sequence[str], image_features,
-                         scale: float = 100.0) -> np.ndarray:
-    """(N, C) probabilities softmax(scale · norm(f) · norm(T_ctx)ᵀ) with the learnt context; scale 100 as
-    zero-shot CLIP (teacher.clip.logit_scale) and training (teacher.air.logit_scale)."""
+                         scale: float | None = 100.0) -> np.ndarray:
+    """(N, C) probabilities softmax(scale · norm(f) · norm(T_ctx)ᵀ) with the learnt context; the stage passes the
+    scale it trained with (the model's own unless teacher.air.logit_scale says otherwise; None = 100)."""
+    scale = _scale(scale)
     text = context_text_features(model, tokenizer, ctx, class_names).cpu().numpy().astype(np.float64)  # (C, D)
     f = l2_normalize(np.asarray(image_features))  # (N, D)
     return softmax(scale * f @ text.T, axis=1)
@@ -731,26 +743,39 @@ def run_air(ctx) -> TeacherResult:
                 chosen[k].append(v)
     p_zs = {"real": ctx.columns["clip"], "eval": ctx.eval_columns.get("clip"),
             "synthetic": ctx.synthetic_columns.get("clip")}
-    out = {k: _aux_and_fused(p_zs[k], f, protos, cfg) for k, f in feats.items() if p_zs[k] is not None}
+    from .clip import model_logit_scale
+    from .prior import balanced_labels, log_probs, select_top, tie_key
+
+    scale = model_logit_scale(model)
+    run_cfg = AirCfg(**{k: getattr(cfg, k) for k in AirCfg.__dataclass_fields__})
+    run_cfg.seed = seed
+    run_cfg.aux_scale = float(cfg.aux_scale) if cfg.aux_scale is not None else scale
+    run_cfg.logit_scale = float(cfg.logit_scale) if cfg.logit_scale is not None else scale
+    out = _aux_and_fused_sets(p_zs, feats, protos, run_cfg, ctx.prior)
     prompt = {k: o[1] for k, o in out.items()}  # (aux, fused) per image set
-    info = {"prototypes_per_class": [len(p) for p in protos], "synthetic_rows": len(rows)}
+    info = {"prototypes_per_class": [len(p) for p in protos], "synthetic_rows": len(rows),
+            "aux_scale": round(run_cfg.aux_scale, 6), "logit_scale": round(run_cfg.logit_scale, 6)}
     tables = {"prototypes": chosen}
     if cfg.prompt_learning:
-        idx, labels = select_confident(out["real"][1], cfg.top_n)
+        keys = tie_key(ctx.images.sha256, seed)
+        if ctx.prior is None:  # the papers' selection: argmax, ranked by fused probability (hash-ordered ties)
+            idx, labels = select_confident(out["real"][1], cfg.top_n, keys)
+        else:  # under the prior: balanced labels, ranked by margin of the fused log-probabilities
+            z = log_probs(out["real"][1])
+            idx, labels = select_top(z, balanced_labels(z, ctx.prior, keys), cfg.top_n, keys, len(names))
+        info["prompt_label_counts"] = np.bincount(labels, minlength=len(names)).tolist()
         strong = strong_transform(preprocess)
         paths = ctx.images.paths
 
         def strong_batch(positions):
             return torch.stack([strong(load_rgb(paths[idx[i]])) for i in positions])
 
-        run_cfg = AirCfg(**{k: getattr(cfg, k) for k in AirCfg.__dataclass_fields__})
-        run_cfg.seed = seed
         ctx_vec, hist = train_prompts(model, tokenizer, names, feats["real"][idx], strong_batch, labels, run_cfg,
                                       device=device, progress=ctx.progress, domain=job.domain_phrase)
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         save_context(ctx.out_dir / "context.safetensors", ctx_vec,
                      {"class_names": names, "ctx_init": cfg.ctx_init, "clip": job.models.clip})
-        prompt = {k: predict_with_context(model, tokenizer, ctx_vec, names, feats[k], cfg.logit_scale) for k in out}
+        prompt = {k: predict_with_context(model, tokenizer, ctx_vec, names, feats[k], run_cfg.logit_scale) for k in out}
         tables["training_images"] = {"path": [str(paths[i]) for i in idx], "sha256": [ctx.images.sha256[i] for i in idx],
                                      "pseudo_label": labels.tolist()}
         info.update(prompt_training_images=len(idx), prompt_loss_first=hist["loss"][0], prompt_loss_last=hist["loss"][-1],
@@ -758,6 +783,25 @@ def run_air(ctx) -> TeacherResult:
     cols = ("air_aux", "air_fused", "air_prompt")
     return result_from_sets({k: dict(zip(cols, (o[0], o[1], prompt[k]))) for k, o in out.items()},
                             tables=tables, info=info)
+
+
+def _aux_and_fused_sets(p_zs: dict, feats: dict, protos, cfg, prior) -> dict:
+    """{image set: (air_aux, air_fused)}. With a class prior, the prototype classifier's own class bias is
+    corrected first (its softmax column matched to the prior on the real images, the same bias applied to the
+    other sets; teacher/prior.py), so that it is fused on the same footing as the prior-matched zero-shot."""
+    out = {k: _aux_and_fused(p_zs[k], f, protos, cfg) for k, f in feats.items() if p_zs[k] is not None}
+    if prior is None or cfg.aux_normalize != "softmax" or "real" not in out:
+        return out
+    from .prior import match_prior
+
+    keys = [k for k in out if k != "real"]
+    aux_real, aux_rest, _ = match_prior(out["real"][0], prior, [out[k][0] for k in keys])
+    lam = cfg.fusion_lambda
+    fixed = {}
+    for k, aux in zip(["real", *keys], [aux_real, *aux_rest]):
+        p = np.asarray(p_zs[k], np.float64)
+        fixed[k] = (aux, fuse(p, aux, lam)[1])
+    return fixed
 
 
 def _aux_and_fused(p: np.ndarray, feats: np.ndarray, protos, cfg) -> tuple[np.ndarray, np.ndarray]:
@@ -768,4 +812,4 @@ def _aux_and_fused(p: np.ndarray, feats: np.ndarray, protos, cfg) -> tuple[np.nd
     if cfg.aux_normalize == "none":
         fused = np.clip(r["p_star"], 0, None)
         fused = fused / np.maximum(fused.sum(axis=1, keepdims=True), 1e-12)
-    return normalize_aux(r["p_hat"], "softmax", cfg.aux_scale), fused
+    return normalize_aux(r["p_hat"], "softmax", _scale(cfg.aux_scale)), fused

@@ -36,7 +36,7 @@ import numpy as np
 
 from distillery import killpoints
 from distillery.rundir import RunPaths, is_done, log, mark_done, read_table, save_resolved_job, settings_hash, \
-    write_table
+    write_json, write_table
 
 __all__ = ["TeacherSettings", "TeacherSpec", "TeacherContext", "TeacherResult", "TEACHERS", "register_teacher",
            "teacher_order", "run_teachers", "all_columns", "column_owner", "teachers_to_run", "ensemble_weights",
@@ -163,12 +163,39 @@ def agreement_weights(probs: dict[str, np.ndarray]) -> dict[str, float]:
     return {c: round(float(x), 6) for c, x in zip(cols, w)}
 
 
-def ensemble_weights(job, probs: dict[str, np.ndarray] | None = None) -> tuple[dict[str, float], str]:
-    """(weights, why): ``teacher.ensemble.weights`` when given; else the default columns, weighted by
-    :func:`agreement_weights` on ``probs`` (``weighting: agreement``) or equally."""
+def ensemble_weights(job, probs: dict[str, np.ndarray] | None = None, prior: np.ndarray | None = None,
+                     details: dict | None = None) -> tuple[dict[str, float], str]:
+    """(weights, why): ``teacher.ensemble.weights`` when given; else, with ``weighting: dawid_skene`` (default),
+    every column of the teachers that ran, weighted by its accuracy estimated without labels (teacher/fusion.py;
+    the estimates go into ``details``); with ``agreement`` / ``equal`` the default columns, weighted by
+    :func:`agreement_weights` on ``probs`` or equally."""
     cfg = job.teacher.ensemble
     if cfg.weights:
         return dict(cfg.weights), "fixed (teacher.ensemble.weights)"
+    if cfg.weighting == "dawid_skene" and probs is not None:
+        from .fusion import dawid_skene_weights
+
+        running = teachers_to_run(job)
+        cols = [c for t in running for c in TEACHERS[t].columns if c in probs]
+        linked = [[c for c in TEACHERS[t].columns if c in probs] for t in running]
+        # columns computed from the same frozen image features (a "features:<role>" need) are one view of the
+        # images, not independent raters: they are linked too
+        views: dict[str, list[str]] = {}
+        for t in running:
+            for n in TEACHERS[t].needs:
+                if n.startswith("features:"):
+                    views.setdefault(n, []).extend(c for c in TEACHERS[t].columns if c in probs)
+        linked += [v for v in views.values() if len(v) > 1]
+        w, det = dawid_skene_weights({c: probs[c] for c in cols}, prior, cfg.redundancy_kappa, cfg.collapse_tv,
+                                     linked)
+        if details is not None:
+            details.update(det)
+        why = ("Dawid-Skene: each column's accuracy estimated without labels (chance-corrected latent truth; the "
+               "columns of one teacher, of one frozen feature store, and columns with kappa >= "
+               f"{cfg.redundancy_kappa:g} counted once), log-odds weights")
+        if det.get("note"):
+            why += f"; {det['note']}"
+        return w, why
     cols = default_columns(job)
     if cfg.weighting == "agreement" and probs is not None and len(cols) > 2:
         return agreement_weights({c: probs[c] for c in cols}), \
@@ -208,6 +235,8 @@ class TeacherContext:
     synthetic: list[dict] | None = None  # rows of synthetic.parquet (needs "synthetic")
     synthetic_images: Any | None = None  # the same rows as an ImageSet (for synthetic_probs), or None
     synthetic_columns: dict[str, np.ndarray] = field(default_factory=dict)  # earlier columns on synthetic_images
+    prior: np.ndarray | None = None  # (C,) class shares the columns are matched to (teacher/prior.py); None = no prior
+    seed: int = 0  # the job seed (tie-breaking hashes, data order)
 
     @property
     def out_dir(self) -> Path:
@@ -272,16 +301,46 @@ def _check_result(spec: TeacherSpec, res: TeacherResult, n: int, n_eval: int | N
                                    f"expected one of {list(spec.columns)} with shape ({m}, {c}).")
 
 
-def teacher_key(job, spec: TeacherSpec, images, eval_images, input_files: list[Path], syn_images=None) -> str:
+def teacher_key(job, spec: TeacherSpec, images, eval_images, input_files: list[Path], syn_images=None,
+                prior: list[float] | None = None) -> str:
     from distillery.rundir import sha256_file
 
     roles = {r: getattr(job.models, r) for r in spec.roles}
     settings = {k: v for k, v in asdict(job.teacher.settings(spec.name)).items() if k != "device"}
-    return settings_hash(spec.name, spec.version, settings, job.class_names,
-                         job.domain, job.seed, roles, list(images.sha256),
-                         list(eval_images.sha256) if eval_images is not None else None,
-                         [(p.name, sha256_file(p)) for p in input_files],
-                         list(syn_images.sha256) if syn_images is not None else None)
+    parts = [spec.name, spec.version, settings, job.class_names, job.domain, job.seed, roles, list(images.sha256),
+             list(eval_images.sha256) if eval_images is not None else None,
+             [(p.name, sha256_file(p)) for p in input_files],
+             list(syn_images.sha256) if syn_images is not None else None]
+    if prior is not None:  # no prior: the key of a run without one is unchanged
+        parts.append({"prior": [round(float(x), 8) for x in prior]})
+    return settings_hash(*parts)
+
+
+def _match_columns(res: TeacherResult, prior: np.ndarray | None) -> dict:
+    """Match every column of ``res`` to the prior (teacher/prior.py), in place: the bias is fitted on the
+    unlabeled rows and applied to the evaluation and synthetic rows. Returns, per column, the uncorrected and
+    corrected argmax counts, the bias, and the uncorrected evaluation column (for the report and eval.json)."""
+    from .prior import match_prior
+
+    out: dict = {}
+    if prior is None:
+        return out
+    for col, p in list(res.probs.items()):
+        others = [c for c in (res.eval_probs.get(col), res.synthetic_probs.get(col)) if c is not None]
+        before = np.asarray(p).argmax(axis=1)
+        fixed, rest, b = match_prior(p, prior, others)
+        raw_eval = res.eval_probs.get(col)
+        res.probs[col] = fixed
+        it = iter(rest)
+        if col in res.eval_probs:
+            res.eval_probs[col] = next(it)
+        if col in res.synthetic_probs:
+            res.synthetic_probs[col] = next(it)
+        c = len(prior)
+        out[col] = {"counts_uncorrected": np.bincount(before, minlength=c).tolist(),
+                    "counts": np.bincount(fixed.argmax(axis=1), minlength=c).tolist(),
+                    "bias": np.round(b, 6).tolist(), "raw_eval": raw_eval}
+    return out
 
 
 def run_teachers(job, images, eval_images, executor, progress: bool = True, synthetic: list[dict] | None = None,
@@ -296,6 +355,18 @@ def run_teachers(job, images, eval_images, executor, progress: bool = True, synt
     syn_images = ImageSet([Path(r["path"]) for r in synthetic], [r["sha256"] for r in synthetic]) \
         if synthetic else None
     info: dict[str, Any] = {}
+    from .prior import resolve_prior
+
+    prior_info = resolve_prior(job, images, synthetic, executor, progress)
+    write_json(paths.prior, {k: v for k, v in prior_info.items()})
+    prior = np.asarray(prior_info["prior"]) if prior_info["prior"] is not None else None
+    if prior is not None:
+        log(f"prior: {prior_info['mode']} ({prior_info['why']}): " + ", ".join(
+            f"{c} {x:.3f}" for c, x in zip(job.class_names, prior)))
+    elif prior_info["requested"] != "none":
+        log(f"prior: none: {prior_info['why']}")
+    info["prior"] = prior_info
+    uncorrected_eval: dict[str, np.ndarray] = {}
     running = teachers_to_run(job)
     for name in running:
         spec = TEACHERS[name]
@@ -310,9 +381,10 @@ def run_teachers(job, images, eval_images, executor, progress: bool = True, synt
         inputs += [paths.probs(c) for c in cfg.reads() if paths.probs(c) not in inputs]
         if "synthetic" in spec.needs and synthetic_file is not None:
             inputs.append(synthetic_file)
-        key = teacher_key(job, spec, images, eval_images, inputs, syn_images)
+        key = teacher_key(job, spec, images, eval_images, inputs, syn_images, prior_info["prior"])
         outs = [paths.probs(c) for c in spec.columns]
-        extra_outs = [f(c) for c in spec.columns for f in (paths.eval_probs, paths.synthetic_probs)]
+        extra_outs = [f(c) for c in spec.columns for f in (paths.eval_probs, paths.synthetic_probs,
+                                                             paths.eval_probs_uncorrected)]
         stage = f"teacher-{name}"
         if is_done(paths.teacher, stage, key, outs):
             log(f"{name}: up to date ({len(images)} images -> {', '.join(o.name for o in outs)})")
@@ -322,17 +394,21 @@ def run_teachers(job, images, eval_images, executor, progress: bool = True, synt
                     eval_columns[c] = read_probs(paths.eval_probs(c), eval_images, f"{c} evaluation probabilities")
                 if syn_images is not None and paths.synthetic_probs(c).is_file():
                     syn_columns[c] = read_probs(paths.synthetic_probs(c), syn_images, f"{c} synthetic probabilities")
+                if eval_images is not None and paths.eval_probs_uncorrected(c).is_file():
+                    uncorrected_eval[c] = read_probs(paths.eval_probs_uncorrected(c), eval_images,
+                                                     f"{c} evaluation probabilities before the prior")
             info[name] = {"images": len(images), "computed": 0}
             continue
         save_resolved_job(job, paths.teacher)
         ctx = TeacherContext(job, name, cfg, paths, images, eval_images, executor, progress, dict(columns),
-                             dict(eval_columns), synthetic, syn_images, dict(syn_columns))
+                             dict(eval_columns), synthetic, syn_images, dict(syn_columns), prior, job.seed)
         t0 = time.perf_counter()
         res = spec.run(ctx)
         elapsed = time.perf_counter() - t0
         killpoints.progress(f"teacher.{name}.computed")  # testing hook: computed, nothing written yet
         _check_result(spec, res, len(images), len(eval_images) if eval_images is not None else None, len(job.classes),
                       len(syn_images) if syn_images is not None else None)
+        matched = _match_columns(res, prior)
         for c, p in res.probs.items():
             _write_probs(paths.probs(c), images, p)
             columns[c] = np.asarray(p, np.float64)
@@ -342,14 +418,23 @@ def run_teachers(job, images, eval_images, executor, progress: bool = True, synt
         for c, p in res.eval_probs.items():
             _write_probs(paths.eval_probs(c), eval_images, p)
             eval_columns[c] = np.asarray(p, np.float64)
+            raw = matched.get(c, {}).pop("raw_eval", None)
+            if raw is not None:
+                _write_probs(paths.eval_probs_uncorrected(c), eval_images, raw)
+                uncorrected_eval[c] = np.asarray(raw, np.float64)
+        for m in matched.values():
+            m.pop("raw_eval", None)
         for c, p in res.synthetic_probs.items():
             _write_probs(paths.synthetic_probs(c), syn_images, p)
             syn_columns[c] = np.asarray(p, np.float64)
         for tname, rows in res.tables.items():
             write_table(ctx.out_dir / f"{tname}.parquet", rows)
         stamp = {**res.info, "images": len(images), "seconds": round(elapsed, 2)}
+        if matched:
+            stamp["prior_match"] = matched
         killpoints.progress(f"teacher.{name}.written")  # every output written, not stamped yet
         mark_done(paths.teacher, stage, key, stamp)
         log(f"{name}: {len(images)} images in {elapsed:.1f}s -> {', '.join(o.name for o in outs)}")
         info[name] = {**stamp, "computed": len(images)}
-    return {"columns": columns, "eval_columns": eval_columns, "synthetic_columns": syn_columns, "info": info}
+    return {"columns": columns, "eval_columns": eval_columns, "synthetic_columns": syn_columns, "info": info,
+            "uncorrected_eval_columns": uncorrected_eval, "prior": prior}

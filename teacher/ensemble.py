@@ -61,11 +61,23 @@ def run_ensemble(job, progress: bool = True, *, images=None, synthetic: list[dic
     synth_used = cfg.use_synthetic and synthetic is not None
     syn_files = [paths.synthetic_probs(c) for c in cols if synth_used and paths.synthetic_probs(c).is_file()]
     inputs = list(files.values()) + ([synthetic_file] if synth_used else []) + syn_files
+    if paths.prior.is_file():
+        inputs.append(paths.prior)
     key = stage_key({"ensemble": asdict(cfg), "classes": job.class_names, "columns": cols, "synth": synth_used,
                      "images": list(images.sha256)}, inputs)
     return cached_stage(job, paths.teacher, "ensemble", key, [paths.pseudo_labels, paths.manifest],
                         lambda: _write_ensemble(job, images, files, synthetic if synth_used else None),
                         up_to_date=str(paths.manifest))
+
+
+def read_prior(paths: RunPaths) -> np.ndarray | None:
+    """The run's class prior from ``teacher/prior.json`` (written by the teacher runner), or None."""
+    from distillery.rundir import read_json
+
+    if not paths.prior.is_file():
+        return None
+    p = read_json(paths.prior).get("prior")
+    return None if p is None else np.asarray(p, np.float64)
 
 
 def synthetic_keep(job, synthetic: list[dict], weights: dict[str, float]) -> tuple[np.ndarray, dict]:
@@ -107,9 +119,17 @@ def _write_ensemble(job, images, files: dict, synthetic: list[dict] | None) -> d
         if p.shape[1] != n_classes:
             raise ValueError(f"ensemble: column {c!r} has {p.shape[1]} classes, the job has {n_classes}; rerun it.")
         probs[c] = p
-    weights, why = ensemble_weights(job, probs)
+    prior = read_prior(paths)
+    details: dict = {}
+    weights, why = ensemble_weights(job, probs, prior, details)
     soft = fuse(probs, weights)
-    label = soft.argmax(axis=1)
+    if prior is not None:  # the fused target matched to the prior, hard labels assigned under it (teacher/prior.py)
+        from .prior import balanced_labels, log_probs, match_prior, tie_key
+
+        soft, _, fused_bias = match_prior(soft, prior)
+        label = balanced_labels(log_probs(soft), prior, tie_key(images.sha256, job.seed))
+    else:
+        label, fused_bias = soft.argmax(axis=1), None
     conf = soft.max(axis=1)
     used = {c: p for c, p in probs.items() if weights.get(c, 0) > 0}
     agree = agreement(used, label)
@@ -149,12 +169,23 @@ def _write_ensemble(job, images, files: dict, synthetic: list[dict] | None) -> d
     write_table(paths.manifest, rows, schema=schema)
     counts = np.bincount(label, minlength=n_classes).tolist()
     info = {"real": len(images), "synthetic": n_syn, "columns": list(probs), "weights": {c: weights[c] for c in used},
-            "weights_why": why, "synthetic_dropped": dropped,
+            "weights_why": why, "weights_details": details, "synthetic_dropped": dropped,
+            "prior": prior.round(6).tolist() if prior is not None else None,
+            "fused_bias": np.round(fused_bias, 8).tolist() if fused_bias is not None else None,
             "pseudo_label_counts": dict(zip(job.class_names, counts)),
             "mean_confidence": round(float(conf.mean()), 4), "mean_agreement": round(float(agree.mean()), 4)}
     log(f"ensemble: {len(images)} real + {n_syn} synthetic rows -> {paths.manifest}; weights {info['weights']} "
         f"({why})" + (f"; dropped {dropped['dropped']} synthetic images" if dropped.get("dropped") else ""))
     return info
+
+
+def _apply_bias(p: np.ndarray, b: np.ndarray) -> np.ndarray:
+    from .prior import log_probs
+
+    z = log_probs(p) + b
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,9 +201,13 @@ def eval_labels(job, images) -> np.ndarray:
     return np.array([folder_to_class.get(Path(p).relative_to(root).parts[0], -1) for p in images.paths], np.int64)
 
 
-def evaluate_columns(job, images, eval_columns: dict[str, np.ndarray], weights: dict[str, float] | None = None) -> dict:
+def evaluate_columns(job, images, eval_columns: dict[str, np.ndarray], weights: dict[str, float] | None = None,
+                     uncorrected: dict[str, np.ndarray] | None = None, estimated: dict[str, float] | None = None,
+                     fused_bias: list[float] | None = None) -> dict:
     """``teacher/eval.json``: top-1 of every column and of the ensemble (fused with ``weights``, the ones the
-    ensemble stage used) on the evaluation images."""
+    ensemble stage used) on the evaluation images; with ``uncorrected`` (the columns before the class-prior
+    correction) their top-1 too, and with ``estimated`` (the ensemble's label-free accuracy estimates) those
+    beside the measured ones."""
     paths = RunPaths(job.run_path)
     labels = eval_labels(job, images)
     known = labels >= 0
@@ -186,11 +221,18 @@ def evaluate_columns(job, images, eval_columns: dict[str, np.ndarray], weights: 
     weights = weights if weights is not None else ensemble_weights(job)[0]
     if all(c in cols for c, w in weights.items() if w > 0):
         cols["ensemble"] = fuse(cols, weights)
+        if fused_bias is not None:  # the ensemble stage matched its fused target to the prior: so does this
+            cols["ensemble"] = _apply_bias(cols["ensemble"], np.asarray(fused_bias, np.float64))
     for c, p in cols.items():
         pred = np.asarray(p).argmax(axis=1)
         per_class = {job.class_names[k]: round(float((pred[known & (labels == k)] == k).mean()), 4)
                      for k in range(len(job.classes)) if (known & (labels == k)).any()}
         out["columns"][c] = {"top1": round(float((pred[known] == labels[known]).mean()), 4), "per_class": per_class}
+        if uncorrected and c in uncorrected:
+            raw = np.asarray(uncorrected[c]).argmax(axis=1)
+            out["columns"][c]["top1_uncorrected"] = round(float((raw[known] == labels[known]).mean()), 4)
+        if estimated and c in estimated:
+            out["columns"][c]["estimated_accuracy"] = estimated[c]
     write_json(paths.teacher_eval, out)
     log("eval: top-1 on data.eval: " + ", ".join(f"{c} {v['top1']:.4f}" for c, v in out["columns"].items()))
     return out

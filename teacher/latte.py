@@ -68,7 +68,7 @@ class LatteCfg:
     color_jitter_p: float = 0.8  # probability of applying the colour jitter
     grayscale_p: float = 0.2  # probability of converting to grayscale
     logit_scale_max: float = 100.0  # the learnt logit scale exp(s) is clamped to this after each step (OpenCLIP)
-    predict_scale: float = 100.0  # p = softmax(scale · norm(f) · norm(P)ᵀ) at inference
+    predict_scale: float | None = None  # p = softmax(scale · norm(f) · norm(P)ᵀ) at inference; null = the loaded CLIP's own exp(logit_scale) (100 for a trained CLIP)
     amp: bool = True  # bfloat16 autocast on CUDA (ignored on CPU)
     grad_checkpointing: bool = False  # open_clip activation checkpointing on CUDA (ignored on CPU)
     workers: int = 0  # DataLoader workers (order and augmentation stay seeded either way)
@@ -113,8 +113,11 @@ class LatteCfg:
             bad("color_jitter", "use [brightness, contrast, saturation, hue], each >= 0 and hue <= 0.5")
         for name in ("logit_scale_max", "predict_scale"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not v > 0:
-                bad(name, "use a positive number, e.g. 100")
+            if name == "predict_scale" and v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not v > 0:
+                bad(name, "use a positive number, e.g. 100" + (" (or null: the model's own)" if name == "predict_scale"
+                                                                else ""))
         dev = self.device
         if not isinstance(dev, str) or not (dev in ("auto", "cpu", "cuda", "mps") or
                                             (dev.startswith("cuda:") and dev[5:].isdigit())):
@@ -637,6 +640,17 @@ def _descriptions(ctx, cfg, zs: np.ndarray, class_texts: list[str], clip_tokeniz
     return image_texts, group_texts, counts
 
 
+def _zero_shot_labels(ctx, seed: int) -> np.ndarray:
+    """c_zs for every unlabeled image: the argmax of the (prior-matched) clip column, or with a class prior the
+    assignment that meets its class sizes exactly (teacher/prior.py), ties broken by a seeded hash."""
+    from .prior import balanced_labels, log_probs, tie_key
+
+    p = ctx.columns["clip"]
+    if ctx.prior is None:
+        return p.argmax(axis=1)
+    return balanced_labels(log_probs(p), ctx.prior, tie_key(ctx.images.sha256, seed))
+
+
 def _pixel_batches(paths, preprocess, batch_size: int):
     from distillery.images import load_rgb
 
@@ -659,9 +673,13 @@ def run_latte(ctx) -> TeacherResult:
     device = ctx.device()
     run_cfg = LatteCfg(**{k: getattr(cfg, k) for k in LatteCfg.__dataclass_fields__})
     run_cfg.seed = cfg.seed if cfg.seed is not None else job.seed
-    zs = ctx.columns["clip"].argmax(axis=1)  # c_zs: the frozen zero-shot model's labels, computed once
+    # c_zs: the frozen zero-shot model's labels, computed once; under a class prior, the balanced assignment to it
+    zs = _zero_shot_labels(ctx, run_cfg.seed)
     class_texts = [cfg.class_template.format(c=c) for c in job.class_names]
     model, preprocess, tokenizer = load_clip(job.models.clip, device=device)
+    from .clip import logit_scale_of
+
+    scale = logit_scale_of(cfg.predict_scale, model)  # the loaded model's own, as the zero-shot it starts from
     init = torch.from_numpy(encode_texts(model, tokenizer, class_texts, device))  # (C, D): P starts here
     image_texts, group_texts, counts = _descriptions(ctx, run_cfg, zs, class_texts, tokenizer)
     data = LatteDataset(ctx.images.paths, zs.tolist(), class_texts, image_texts, group_texts,
@@ -671,7 +689,7 @@ def run_latte(ctx) -> TeacherResult:
                                    progress=ctx.progress, class_texts=class_texts)
     model.eval()
     with torch.no_grad():
-        probs = {k: {"latte": predict(model, _pixel_batches(s.paths, preprocess, 64), protos, cfg.predict_scale).numpy()}
+        probs = {k: {"latte": predict(model, _pixel_batches(s.paths, preprocess, 64), protos, scale).numpy()}
                  for k, s in prediction_sets(ctx).items()}
     with atomic_path(ctx.out_dir / "model.safetensors") as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
@@ -682,5 +700,6 @@ def run_latte(ctx) -> TeacherResult:
     tables = {"descriptions": {"sha256": list(ctx.images.sha256), "zero_shot_label": zs.tolist(),
                                "image_text": image_texts, "group_text": group_texts}}
     info = {"descriptions": counts, "steps": sum(h.get("steps", 0) for h in hist) if hist else 0,
+            "predict_scale": round(scale, 6), "zero_shot_label_counts": np.bincount(zs, minlength=len(class_texts)).tolist(),
             "loss_first": hist[0].get("loss") if hist else None, "loss_last": hist[-1].get("loss") if hist else None}
     return result_from_sets(probs, tables=tables, info=info)

@@ -74,6 +74,12 @@ def write_report(job, images=None) -> Path:
         if len(images.skipped) > 200:
             lines.append(f"  - ... and {len(images.skipped) - 200} more (all in teacher/images.parquet)")
         lines.append("")
+    if paths.prior.is_file():
+        pr = read_json(paths.prior)
+        lines += ["## Class prior", "", f"- {pr.get('mode')} (asked: {pr.get('requested')}): {pr.get('why', '')}"]
+        if pr.get("prior"):
+            lines.append("- shares: " + ", ".join(f"{c} {x:.3f}" for c, x in zip(job.class_names, pr["prior"])))
+        lines.append("")
     lines += _column_lines(job, paths)
     dest = paths.teacher_report
     text = "\n".join(lines)
@@ -113,6 +119,12 @@ def _column_lines(job, paths: RunPaths) -> list[str]:
     if stamp.is_file():
         st = read_json(stamp)
         lines += ["### Ensemble", "", f"- weights {st.get('weights')} ({st.get('weights_why', '')})"]
+        det = st.get("weights_details") or {}
+        if det.get("estimated_accuracy"):
+            lines.append(f"- accuracy estimated without labels: {det['estimated_accuracy']}; groups counted once: "
+                         f"{det.get('groups')}")
+        if det.get("dropped"):
+            lines.append(f"- dropped: {det['dropped']}")
         d = st.get("synthetic_dropped") or {}
         if d.get("threshold"):
             lines.append(f"- synthetic images dropped (fused probability of their class < {d['threshold']}): "

@@ -502,19 +502,24 @@ def _levels_of(job, resolution: int) -> list[Level]:
     return feature_shapes(ucfg, resolution, 2 ** (len(vcfg["block_out_channels"]) - 1))
 
 
-def confident_training_set(sets: dict, labels: np.ndarray, column: np.ndarray | None, threshold: float):
+def confident_training_set(sets: dict, labels: np.ndarray, column: np.ndarray | None, threshold: float,
+                           prior: np.ndarray | None = None, keys: np.ndarray | None = None):
     """(ImageSet, labels): the synthetic images with their generating class, followed by the real images whose
-    pseudo-label (argmax of ``column``, rows = ``sets["real"]``) has probability >= ``threshold`` (none when the
-    threshold is 0 or there is no column)."""
+    pseudo-label has probability >= ``threshold`` in ``column`` (rows = ``sets["real"]``; none when the threshold
+    is 0 or there is no column). The pseudo-label is the argmax of ``column``, or with a class ``prior`` the
+    balanced assignment to it (teacher/prior.py), so the real images added follow the prior's class sizes."""
     from distillery.images import ImageSet
+
+    from .prior import balanced_labels, log_probs
 
     syn, real = sets["synthetic"], sets["real"]
     if threshold <= 0 or column is None:
         return syn, np.asarray(labels)
     column = np.asarray(column)
-    keep = np.flatnonzero(column.max(axis=1) >= threshold)
+    pseudo = column.argmax(axis=1) if prior is None else balanced_labels(log_probs(column), prior, keys)
+    keep = np.flatnonzero(column[np.arange(len(column)), pseudo] >= threshold)
     train = ImageSet(list(syn.paths) + [real.paths[i] for i in keep], list(syn.sha256) + [real.sha256[i] for i in keep])
-    return train, np.concatenate([np.asarray(labels), column[keep].argmax(axis=1)]).astype(np.int64)
+    return train, np.concatenate([np.asarray(labels), pseudo[keep]]).astype(np.int64)
 
 
 @register_teacher("vermouth", settings=VermouthSettings, roles=("diffusion", "expert", "clip"), needs=("synthetic",),
@@ -635,8 +640,10 @@ def run_vermouth(ctx) -> TeacherResult:
 
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
+    from .prior import tie_key
+
     syn, train_labels = confident_training_set(sets, labels, ctx.columns.get(cfg.pseudo_label_column),
-                                               cfg.real_pseudo_labels)
+                                               cfg.real_pseudo_labels, ctx.prior, tie_key(ctx.images.sha256, seed))
     info["real_training_images"] = len(syn) - len(rows)
     rows = [None] * len(syn)  # the training rows: synthetic first, then the confident real images
     y_all = torch.as_tensor(train_labels, device=device)

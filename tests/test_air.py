@@ -359,7 +359,8 @@ def test_air_stage_writes_its_columns_recomputable_from_the_prototype_table(make
     from distillery.teacher.features import clip_feature_store
 
     job = make_job({"teacher.synth.images_per_class": 3, "teacher.air.k": 2, "teacher.air.epochs": 2,
-                    "teacher.vermouth.enabled": False})
+                    "teacher.vermouth.enabled": False, "teacher.transduct.enabled": False, "teacher.prior.mode": "none",
+                    "teacher.air.aux_scale": 100.0, "teacher.ensemble.weighting": "agreement"})
     run_teacher(job, progress=False)
     paths = RunPaths(job.run_path)
     pl = read_table(paths.pseudo_labels)

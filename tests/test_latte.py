@@ -519,6 +519,7 @@ def test_latte_stage_writes_its_column_and_reuses_descriptions(make_job):
     from distillery.teacher.latte import predict
 
     over = {"teacher.latte.enabled": True, "teacher.latte.epochs": 1, "teacher.latte.batch_size": 8,
+            "teacher.prior.mode": "none", "teacher.latte.predict_scale": 100.0,
             "teacher.latte.max_new_tokens": 4, "teacher.latte.group_size": 2, "teacher.air.enabled": False,
             "teacher.synth.images_per_class": 1}
     job = make_job(over)

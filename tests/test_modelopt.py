@@ -93,6 +93,13 @@ def trained(images):
     model.eval()
     with torch.no_grad():
         assert float((model(x).argmax(1) == y).float().mean()) > 0.6  # it learnt something
+        # The random BatchNorm statistics leave eval-mode logits in the hundreds (std ~200). A KL between two such
+        # softmaxes is ill-conditioned: the 12 fine-tuning steps of the sparse24 test then followed a different,
+        # diverging path on an AVX-512 CPU than on an AVX2 one (KL 0.52 -> 1.38 instead of down). A trained
+        # student's logits spread by a few units; the classifier is rescaled to that (argmax unchanged).
+        scale = 4.0 / float(model(x).std())
+        model.classifier.weight.mul_(scale)
+        model.classifier.bias.mul_(scale)
     return model
 
 
@@ -150,7 +157,15 @@ def test_qdq_runs_on_onnxruntime_cpu_and_agrees_with_fp32_and_with_modelopt(qdq,
     _save_onnx(q, CONFIG["data_config"]["input_size"], 17, ptq, CONFIG, "int8_qdq")
     sim, ort_ptq = _torch_logits(q, x), _ort_logits(ptq, x)
     scale = np.abs(sim).max()
-    assert np.abs(ort_ptq - sim).max() <= 0.05 * scale, (np.abs(ort_ptq - sim).max(), scale)
+    # Per image, the largest logit difference. onnxruntime's integer kernels (VNNI on AVX-512, u8s8 on AVX2) and
+    # the float simulation round a value that lies on a quantisation step boundary differently; one such flip early
+    # in the network moves that image's logits by several steps (seen: 1 image of 64 by 6% of the scale on an
+    # AVX-512 CPU, the other 63 within 1e-3). So the check is over images: nearly all agree closely, and the
+    # predictions agree, which a wrong graph (missing or misplaced Q/DQ) would not do.
+    per_image = np.abs(ort_ptq - sim).max(axis=1) / scale
+    close = float(np.mean(per_image <= 0.01))
+    assert close >= 0.9 and float(np.median(per_image)) <= 1e-3, (close, np.median(per_image), per_image.max())
+    assert float(np.mean(ort_ptq.argmax(1) == sim.argmax(1))) >= 0.95
 
 
 @needs_modelopt

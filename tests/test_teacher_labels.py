@@ -50,7 +50,7 @@ def test_fuse_and_agreement_by_hand():
 def test_teacher_stages_write_the_contract(make_job):
     from distillery.teacher import run_teacher
 
-    job = make_job()
+    job = make_job({"teacher.prior.mode": "none", "teacher.clip.logit_scale": 100.0})  # the papers' column
     run_teacher(job, progress=False)
     paths = RunPaths(job.run_path)
     pl = read_table(paths.pseudo_labels)
@@ -101,18 +101,28 @@ def test_agreement_weights_by_hand():
 def test_ensemble_weights_rules(make_job):
     from distillery.teacher.base import ensemble_weights
 
-    job = make_job()  # clip, air, vermouth: air builds on clip, so air_prompt and vermouth are fused
+    agree = {"teacher.ensemble.weighting": "agreement", "teacher.transduct.enabled": False}
+    job = make_job(agree)  # clip, air, vermouth: air builds on clip, so air_prompt and vermouth are fused
     assert ensemble_weights(job)[0] == {"air_prompt": 1.0, "vermouth": 1.0}
     assert "two columns" in ensemble_weights(job)[1]
-    job = make_job({"teacher.air.enabled": False, "teacher.vermouth.enabled": False})  # any subset: clip alone
+    job = make_job({**agree, "teacher.air.enabled": False, "teacher.vermouth.enabled": False})  # clip alone
     assert ensemble_weights(job)[0] == {"clip": 1.0}
     probs = {"air_prompt": np.eye(3)[[0, 1, 2, 0]], "vermouth": np.eye(3)[[0, 1, 1, 0]],
              "latte": np.eye(3)[[0, 2, 2, 1]]}
-    job = make_job({"teacher.latte.enabled": True})
+    job = make_job({**agree, "teacher.latte.enabled": True})
     w, why = ensemble_weights(job, {**probs, "clip": np.eye(3)[[0, 0, 0, 0]]})
     assert set(w) == {"air_prompt", "vermouth", "latte"} and "agreement" in why
     job = make_job({"teacher.ensemble.weights": {"clip": 2.0, "air_fused": 1.0}})
     assert ensemble_weights(job) == ({"clip": 2.0, "air_fused": 1.0}, "fixed (teacher.ensemble.weights)")
+    # the default: Dawid-Skene over every column that ran; AiR's three columns are one group
+    job = make_job()
+    cols = {"clip": np.eye(3)[[0, 1, 2, 0]], "air_aux": np.eye(3)[[0, 1, 2, 1]], "air_fused": np.eye(3)[[0, 1, 2, 0]],
+            "air_prompt": np.eye(3)[[0, 1, 1, 0]], "vermouth": np.eye(3)[[2, 1, 2, 0]],
+            "transduct": np.eye(3)[[0, 0, 2, 0]]}
+    details: dict = {}
+    w, why = ensemble_weights(job, cols, None, details)
+    assert set(w) == set(cols) and "Dawid-Skene" in why
+    assert any({"clip", "air_aux", "air_fused", "air_prompt", "transduct"} <= set(g) for g in details["groups"])
 
 
 def test_dropped_synthetic_rule(make_job):
@@ -121,7 +131,8 @@ def test_dropped_synthetic_rule(make_job):
     from distillery.teacher import run_teacher
 
     job = make_job({"teacher.synth.images_per_class": 3, "teacher.air.enabled": False,
-                    "teacher.vermouth.enabled": False, "teacher.ensemble.drop_synthetic_below": 0.34})
+                    "teacher.vermouth.enabled": False, "teacher.transduct.enabled": False,
+                    "teacher.prior.mode": "none", "teacher.ensemble.drop_synthetic_below": 0.34})
     info = run_teacher(job, progress=False)
     paths = RunPaths(job.run_path)
     syn = read_table(paths.synthetic)

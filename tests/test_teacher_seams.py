@@ -52,6 +52,7 @@ def test_a_registered_teacher_gets_its_columns_without_touching_other_files(make
     from tests.conftest import SAMPLE as S
 
     job = make_job({"teacher.synth.enabled": False, "teacher.air.enabled": False, "teacher.vermouth.enabled": False,
+                    "teacher.transduct.enabled": False,
                     "data.eval": str(S / "eval"), "teacher.ensemble.weights": {"clip": 1.0, "toy": 1.0},
                     "teacher.toy.sharpness": 3.0})
     assert teachers_to_run(job) == ["clip", "toy"]
@@ -72,7 +73,7 @@ def test_a_registered_teacher_gets_its_columns_without_touching_other_files(make
     run_teacher(job, progress=False)
     assert len(toy_teacher) == 1
     run_teacher(make_job({"teacher.synth.enabled": False, "teacher.air.enabled": False,
-                          "teacher.vermouth.enabled": False, "data.eval": str(S / "eval"),
+                          "teacher.vermouth.enabled": False, "teacher.transduct.enabled": False, "data.eval": str(S / "eval"),
                           "teacher.ensemble.weights": {"clip": 1.0, "toy": 1.0}, "teacher.toy.sharpness": 2.0}),
                 progress=False)
     assert len(toy_teacher) == 2
@@ -80,6 +81,7 @@ def test_a_registered_teacher_gets_its_columns_without_touching_other_files(make
 
 def test_needs_order_and_run_even_when_the_needed_teacher_is_disabled(make_job, toy_teacher, capfd):
     job = make_job({"teacher.synth.enabled": False, "teacher.air.enabled": False, "teacher.vermouth.enabled": False,
+                    "teacher.transduct.enabled": False,
                     "teacher.clip.enabled": False, "teacher.ensemble.weights": {"clip": 0.0, "toy": 1.0}})
     assert teachers_to_run(job) == ["clip", "toy"]  # clip runs first, because toy needs it
     run_teacher(job, progress=False)

@@ -233,7 +233,7 @@ def test_stage_writes_its_column_and_a_rerun_computes_no_features(make_job):
     from distillery.teacher.features import FeatureStore
     from distillery.teacher.vermouth import build_head, cosine_logits, head_widths, split_row
 
-    job = make_job({"teacher.air.enabled": False})
+    job = make_job({"teacher.air.enabled": False, "teacher.prior.mode": "none"})  # the head's own softmax
     info = run_teacher(job, progress=False)["vermouth"]
     paths = RunPaths(job.run_path)
     pl = read_table(paths.pseudo_labels)
@@ -321,7 +321,8 @@ def test_real_pseudo_labels_order_and_stamp(make_job):
     from distillery.teacher.base import ensemble_weights, teachers_to_run
 
     job = make_job({"teacher.synth.images_per_class": 2, "teacher.vermouth.real_pseudo_labels": 0.3,
-                    "teacher.air.enabled": False})
+                    "teacher.air.enabled": False, "teacher.transduct.enabled": False,
+                    "teacher.ensemble.weighting": "agreement"})
     order = teachers_to_run(job)
     assert order.index("clip") < order.index("vermouth")
     assert set(ensemble_weights(job)[0]) == {"clip", "vermouth"}
