@@ -25,7 +25,8 @@ What it does, in one run:
    180 of the largest class down to 18 of the smallest (ratio 10:1, class order shuffled with a fixed seed), run
    through the teacher stage (clip, AiR, transduct) with every prior mode and with the true shares as a given
    prior; the accuracy of each column and of the manifest's hard labels on those images (their labels are known
-   here). It shows what ``uniform`` costs on an imbalanced domain and what the default does.
+   here). It shows what ``uniform`` costs on an imbalanced domain and what the default does. Run folders
+   ``<OUT>-longtail-<mode>``, ``<OUT>-basegen``.
 5. Controls (benchmark code may read labels): (a) the stand-in CLIP's zero-shot on S(test), the ceiling the shift
    took away; (b) the prior-corrected zero-shot with each prior mode, and naive self-training (a linear head on
    frozen features from the zero-shot weights, on its most confident half per predicted class); (c) the oracle
@@ -291,7 +292,7 @@ def run_longtail(root: Path, base_out: Path, standin: Path, base: list[str]) -> 
     from distillery.standin import CLASSES
 
     items = longtail_items(root)
-    folder = base_out.parent / "teacher-longtail-images"
+    folder = base_out.parent / f"{base_out.name}-longtail-images"
     folder.mkdir(parents=True, exist_ok=True)
     truth = {}
     for p, c in items:
@@ -302,14 +303,14 @@ def run_longtail(root: Path, base_out: Path, standin: Path, base: list[str]) -> 
     counts = np.bincount(list(truth.values()), minlength=len(CLASSES))
     shares = counts / counts.sum()
     names = [n[0] for _, n in CLASSES]
-    modes = [("none", []), ("uniform", ["teacher.prior.mode=uniform"]), ("estimated", ["teacher.prior.mode=estimated"]),
+    modes = [("none", ["teacher.prior.mode=none"]), ("uniform", ["teacher.prior.mode=uniform"]), ("estimated", ["teacher.prior.mode=estimated"]),
              ("given (true shares)", ["teacher.prior.mode=given", "teacher.prior.given={" + ", ".join(
                  f"'{n}': {x:.6f}" for n, x in zip(names, shares)) + "}"])]
     out = {"sizes": dict(zip(folders_of(), counts.tolist())), "images": int(counts.sum()), "modes": {}}
     for mode, ov in modes:
-        run = base_out.parent / f"teacher-longtail-{mode.split()[0]}"
+        run = base_out.parent / f"{base_out.name}-longtail-{mode.split()[0]}"
         if mode != "none":
-            _copy_caches(base_out.parent / "teacher-longtail-none", run, ("teacher/features",))
+            _copy_caches(base_out.parent / f"{base_out.name}-longtail-none", run, ("teacher/features",))
         overrides = [f"run_dir={run}", f"data.unlabeled={folder}", "data.eval=null", "teacher.latte.enabled=false",
                      "teacher.vermouth.enabled=false", "teacher.air.enabled=true", "teacher.transduct.enabled=true",
                      *base, *ov]
@@ -461,7 +462,7 @@ def main() -> dict:
         base += ["teacher.latte.epochs=1", "teacher.latte.max_new_tokens=2", "teacher.vermouth.epochs=1"]
     # The stages know the models by reference, not content: runs made with other stand-ins start over.
     runs = {s: (out if i == 0 else out.parent / f"{out.name}-seed{s}") for i, s in enumerate(seeds)}
-    extra = [out.parent / f"{out.name}-basegen"] + [out.parent / f"teacher-longtail-{m}" for m in
+    extra = [out.parent / f"{out.name}-basegen"] + [out.parent / f"{out.name}-longtail-{m}" for m in
                                                      ("none", "uniform", "estimated", "given")]
     for run in [*runs.values(), *extra]:
         marker = run / "standin.key"
@@ -508,7 +509,7 @@ def main() -> dict:
                           "student_vs_ensemble": _mean_sd([a / b for a, b in zip(st, ens) if a and b])}
         res["export_top1"] = _int8_top1(Path(per_seed[0]["run"]) / "export", test, truth)
 
-    if env("BASEGEN", 1, int) and not smoke:
+    if env("BASEGEN", 1, int):
         t0 = time.perf_counter()
         bg = out.parent / f"{out.name}-basegen"
         _copy_caches(out, bg, ("teacher/features",))
@@ -517,7 +518,7 @@ def main() -> dict:
                      base + ["teacher.latte.enabled=false"], False)
         res["generator_variants"] = {other: r["columns"]}
         times["other generator"] = time.perf_counter() - t0
-    if env("LONGTAIL", 1, int) and not smoke:
+    if env("LONGTAIL", 1, int):
         t0 = time.perf_counter()
         res["longtail"] = run_longtail(root, out, standin, base)
         times["long-tailed set"] = time.perf_counter() - t0
@@ -537,7 +538,7 @@ def main() -> dict:
     if env("LATTE_CONTROL", 1, int) and "latte" in teachers:
         t0 = time.perf_counter()
         ljob = load_job(JOB, [f"run_dir={out}", *base])
-        res["control_latte_true_labels"] = latte_true_labels(ljob, labeled, test, truth, out.parent / "latte-true-labels")
+        res["control_latte_true_labels"] = latte_true_labels(ljob, labeled, test, truth, out.parent / f"{out.name}-latte-true-labels")
         times["control d: LaTTe with true labels"] = time.perf_counter() - t0
 
     _print(res, student)
