@@ -272,6 +272,12 @@ def _write_probs(path: Path, images, probs: np.ndarray) -> None:
                        "probs": [row.tolist() for row in np.asarray(probs, np.float32)]})
 
 
+def _as_stored(p) -> np.ndarray:
+    """A column as the next teacher reads it back from its file (float32, then float64): an uninterrupted run and
+    one resumed from the files then feed identical numbers to the teachers that build on it."""
+    return np.asarray(p, np.float32).astype(np.float64)
+
+
 def read_probs(path: Path, images, what: str) -> np.ndarray:
     """A probability table, aligned to ``images`` by sha256."""
     rows = read_table(path, what)
@@ -411,22 +417,22 @@ def run_teachers(job, images, eval_images, executor, progress: bool = True, synt
         matched = _match_columns(res, prior)
         for c, p in res.probs.items():
             _write_probs(paths.probs(c), images, p)
-            columns[c] = np.asarray(p, np.float64)
+            columns[c] = _as_stored(p)
             killpoints.progress(f"teacher.{name}.column")
         for o in extra_outs:
             o.unlink(missing_ok=True)
         for c, p in res.eval_probs.items():
             _write_probs(paths.eval_probs(c), eval_images, p)
-            eval_columns[c] = np.asarray(p, np.float64)
+            eval_columns[c] = _as_stored(p)
             raw = matched.get(c, {}).pop("raw_eval", None)
             if raw is not None:
                 _write_probs(paths.eval_probs_uncorrected(c), eval_images, raw)
-                uncorrected_eval[c] = np.asarray(raw, np.float64)
+                uncorrected_eval[c] = _as_stored(raw)
         for m in matched.values():
             m.pop("raw_eval", None)
         for c, p in res.synthetic_probs.items():
             _write_probs(paths.synthetic_probs(c), syn_images, p)
-            syn_columns[c] = np.asarray(p, np.float64)
+            syn_columns[c] = _as_stored(p)
         for tname, rows in res.tables.items():
             write_table(ctx.out_dir / f"{tname}.parquet", rows)
         stamp = {**res.info, "images": len(images), "seconds": round(elapsed, 2)}
