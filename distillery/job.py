@@ -484,7 +484,11 @@ def validate(job: Job) -> Job:
         raise JobError(f"teacher.lora.caption: {lo.caption!r} is not a usable template ({type(e).__name__}: {e}); "
                        "the only placeholder is {domain}, e.g. 'a {domain}'.") from e
     _validate_teachers(job)
+    _check_finite(job)
     st = job.student
+    if st.input_size is not None and (isinstance(st.input_size, bool) or st.input_size < 16):
+        raise JobError(f"student.input_size: {st.input_size} is too small; use a size >= 16 (e.g. 64 or 224) or null "
+                       "for the model's default.")
     if not st.model.startswith(("hf-hub:", "local-dir:")):
         import timm
 
@@ -533,10 +537,38 @@ def validate(job: Job) -> Job:
         raise JobError(f"export.qdq_qat_epochs / sparse24_epochs: expected >= 0, got {ex.qdq_qat_epochs} / "
                        f"{ex.sparse24_epochs}; export.qdq_qat_lr / sparse24_lr: expected > 0, got {ex.qdq_qat_lr} / "
                        f"{ex.sparse24_lr} (defaults 4 / 4 and 1e-4 / 1e-4).")
+    for f, v in ex.min_agreement.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
+            raise JobError(f"export.min_agreement.{f}: a top-1 agreement must be in (0, 1], got {v!r} (e.g. 0.98).")
+    for k in ("parity_images", "calibration_images"):
+        if getattr(ex, k) < 1:
+            raise JobError(f"export.{k}: must be >= 1, got {getattr(ex, k)}.")
+    if ex.deploy_timing_s < 0 or not 0 <= ex.deploy_tolerance < 1:
+        raise JobError(f"export.deploy_timing_s / deploy_tolerance: expected >= 0 and in [0, 1), got "
+                       f"{ex.deploy_timing_s} / {ex.deploy_tolerance}.")
     for f in job.export.required:
         if f not in job.export.formats:
             raise JobError(f"export.required: {f!r} is required but not in export.formats {job.export.formats}; add it.")
     return job
+
+
+def _check_finite(node: Any, key: str = "") -> None:
+    """Every number in the job is finite: NaN passes every `<`/`>` range check (``student.lr: .nan`` would train on
+    NaN), so it is refused here, naming the key."""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            _check_finite(getattr(node, f.name), f"{key}.{f.name}" if key else f.name)
+        if isinstance(node, TeacherCfg):
+            for name, cfg in node.methods.items():
+                _check_finite(cfg, f"{key}.{name}")
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            _check_finite(v, f"{key}.{k}")
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            _check_finite(v, f"{key}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise JobError(f"{key}: {node} is not a finite number; give a number.")
 
 
 def _validate_teachers(job: Job) -> None:
@@ -606,15 +638,56 @@ def _validate_teachers(job: Job) -> None:
                        "weight > 0.")
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _strict_loader():
+    """yaml.SafeLoader that refuses a mapping with a key given twice (PyYAML silently keeps the last one, so a
+    second ``student:`` block would drop the first without a word)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(f"the key {key!r} is given twice (lines {seen[key] + 1} and "
+                                    f"{key_node.start_mark.line + 1}); merge the two blocks into one.")
+            seen[key] = key_node.start_mark.line
+        return loader.construct_mapping(node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return StrictLoader
+
+
 def load_job(path: str | os.PathLike, overrides: list[str] | None = None) -> Job:
     """Load, override, resolve and validate a job file."""
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        yamls = sorted(p.name for p in path.glob("*.y*ml"))
+        raise JobError(f"job file {str(path)!r} is a folder; pass the job file itself" +
+                       (f", e.g. --job {path / yamls[0]}" if yamls else " (a .yaml file)") + ".")
+    if path.is_symlink() and not path.exists():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError as e:  # a symlink loop
+            raise JobError(f"job file {str(path)!r} is a symbolic link that loops ({e}); point it at the job file.") \
+                from e
+        except OSError:
+            pass
+        raise JobError(f"job file {str(path)!r} is a symbolic link to {os.readlink(path)!r}, which does not exist.")
     if not path.is_file():
         raise JobError(f"job file {str(path)!r} not found. Pass --job FILE, e.g. --job examples/eurosat-tiny.yaml.")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_strict_loader()) or {}
+    except _DuplicateKey as e:
+        raise JobError(f"job file {str(path)!r}: {e}") from e
     except yaml.YAMLError as e:
         raise JobError(f"job file {str(path)!r} is not valid YAML: {e}") from e
     if not isinstance(raw, dict):

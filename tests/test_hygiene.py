@@ -1,0 +1,64 @@
+"""Input hygiene and file modes (issue: trust): a job file with a key given twice, files that honour the umask."""
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+
+def test_a_key_given_twice_is_an_error_naming_it_and_both_lines(tmp_path):
+    from distillery.job import JobError, load_job
+
+    f = tmp_path / "job.yaml"
+    f.write_text("name: t\nclasses: [a, b]\ndata: {unlabeled: .}\nstudent:\n  epochs: 3\nstudent:\n  lr: 0.1\n")
+    with pytest.raises(JobError, match=r"the key 'student' is given twice \(lines 4 and 6\)"):
+        load_job(f)
+    f.write_text("name: t\nclasses: [a, b]\ndata: {unlabeled: ., unlabeled: ..}\n")
+    with pytest.raises(JobError, match=r"'unlabeled' is given twice"):
+        load_job(f)
+
+
+def test_atomic_writes_honour_the_umask(tmp_path):
+    from distillery.rundir import write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+        os.umask(0o077)
+        write_json(tmp_path / "b.json", {"x": 1})
+        assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("override,words", [
+    ("student.lr=.nan", "student.lr: nan is not a finite number"),
+    ("student.temperature=.inf", "student.temperature: inf is not a finite number"),
+    ("teacher.air.fusion_lambda=.nan", "teacher.air.fusion_lambda"),
+    ("student.input_size=-64", "student.input_size: -64 is too small"),
+    ("export.min_agreement={fp32: 1.5}", "export.min_agreement.fp32: a top-1 agreement must be in (0, 1], got 1.5"),
+    ("export.parity_images=0", "export.parity_images: must be >= 1"),
+])
+def test_numbers_out_of_range_are_refused_before_any_work(override, words):
+    from distillery.job import JobError, load_job
+
+    with pytest.raises(JobError) as e:
+        load_job("examples/eurosat-tiny.yaml", [override])
+    assert words in str(e.value), str(e.value)
+
+
+def test_job_argument_that_is_a_folder_or_a_broken_link(tmp_path):
+    from distillery.job import JobError, load_job
+
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "mine.yaml").write_text("name: t\n")
+    with pytest.raises(JobError, match=r"is a folder; pass the job file itself, e.g. --job .*mine.yaml"):
+        load_job(tmp_path / "jobs")
+    (tmp_path / "loop.yaml").symlink_to(tmp_path / "loop.yaml")
+    with pytest.raises(JobError, match=r"symbolic link that loops"):
+        load_job(tmp_path / "loop.yaml")
+    (tmp_path / "dangling.yaml").symlink_to(tmp_path / "gone.yaml")
+    with pytest.raises(JobError, match=r"symbolic link to .*gone.yaml.*does not exist"):
+        load_job(tmp_path / "dangling.yaml")
