@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "Write runs/<job>/bundle/: the deployed model and export report, the runtime as a pure-Python "
                        "wheel, requirements for x86 and JetPack, an example app, a smoke test with golden "
                        "predictions on a few real images, and a README for the device.")
-    bp.add_argument("--images", type=int, default=8, metavar="N",
+    bp.add_argument("--images", type=_positive_int, default=8, metavar="N",
                     help="real images for the smoke test, class-balanced by pseudo-label (default 8)")
     _stage_parser(sub, "report", "write runs/<job>/report.html from the run folder",
                   "Write the run report: one self-contained HTML page (images embedded, no network) with a "
@@ -155,6 +155,17 @@ def _refresh_report(args, job) -> None:
         from .rundir import log
 
         log(f"report: {path}")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (a smoke test with no golden image would pass without checking anything)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {n} (the smoke test needs images)")
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,3 +62,12 @@ def test_job_argument_that_is_a_folder_or_a_broken_link(tmp_path):
     (tmp_path / "dangling.yaml").symlink_to(tmp_path / "gone.yaml")
     with pytest.raises(JobError, match=r"symbolic link to .*gone.yaml.*does not exist"):
         load_job(tmp_path / "dangling.yaml")
+
+
+@pytest.mark.parametrize("n", ["0", "-3", "two"])
+def test_bundle_images_must_be_positive(n, capsys):
+    from distillery.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bundle", "--job", "examples/eurosat-tiny.yaml", "--images", n])
+    assert e.value.code == 2 and "expected a whole number >= 1" in capsys.readouterr().err
