@@ -178,9 +178,23 @@ def load_student(folder: str | Path, device: str = "cpu"):
     for p in (cfg_path, weights):
         if not p.is_file():
             raise FileNotFoundError(f"student folder {str(folder)!r} lacks {p.name}; run the student stage first.")
-    config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    outputs = config.get("embedding_dim") or config["num_classes"]  # an embedding head outputs the CLIP width
-    model = timm.create_model(config["architecture"], pretrained=False, num_classes=outputs,
-                              **config.get("model_args", {}))
-    model.load_state_dict(load_file(str(weights), device=str(device)))
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        outputs = config.get("embedding_dim") or config["num_classes"]  # an embedding head outputs the CLIP width
+        arch = config["architecture"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{str(cfg_path)!r} is not a student config ({type(e).__name__}: {e}); it is damaged or "
+                         "was written by something else: rerun the student stage (delete the student folder "
+                         "first).") from e
+    model = timm.create_model(arch, pretrained=False, num_classes=outputs, **config.get("model_args", {}))
+    try:
+        state = load_file(str(weights), device=str(device))
+    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+        raise ValueError(f"{str(weights)!r} cannot be read as safetensors weights ({type(e).__name__}: {e}); it is "
+                         "truncated or damaged: rerun the student stage (delete that file first).") from e
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{str(weights)!r} does not fit the {arch} in {cfg_path.name} ({str(e).splitlines()[0]}); "
+                         "the two files come from different runs: rerun the student stage.") from e
     return model.to(device).eval(), config

@@ -71,3 +71,28 @@ def test_bundle_images_must_be_positive(n, capsys):
     with pytest.raises(SystemExit) as e:
         main(["bundle", "--job", "examples/eurosat-tiny.yaml", "--images", n])
     assert e.value.code == 2 and "expected a whole number >= 1" in capsys.readouterr().err
+
+
+def test_a_truncated_or_foreign_student_is_a_clear_error(tmp_path):
+    import json
+
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from distillery.student.model import load_student
+
+    m = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=3)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "mobilenetv3_small_050", "num_classes": 3}))
+    load_student(tmp_path)  # whole: fine
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model.safetensors' cannot be read as safetensors weights .*truncated"):
+        load_student(tmp_path)
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"does not fit the mobilenetv3_small_050"):
+        load_student(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config.json' is not a student config"):
+        load_student(tmp_path)
