@@ -23,10 +23,35 @@ __all__ = ["ImageSet", "load_rgb", "list_images", "unlabeled_set", "eval_set", "
 
 
 def load_rgb(path: str | os.PathLike):
-    """Decode an image file to an RGB PIL image exactly as the runtime does (ValueError when it cannot)."""
+    """Decode an image file to an RGB PIL image exactly as the runtime does (ValueError when it cannot, or when it
+    has more pixels than Pillow's ``Image.MAX_IMAGE_PIXELS``: every stage refuses the same oversized images, before
+    decoding them, where Pillow itself only warns below twice that limit)."""
     from distillery.runtime.preprocess import load_image
 
+    check_pixels(path)
     return load_image(os.fspath(path))
+
+
+def check_pixels(path: str | os.PathLike) -> None:
+    """ValueError naming the file when its header says it has more than ``Image.MAX_IMAGE_PIXELS`` pixels."""
+    import warnings
+
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if not limit or not os.path.isfile(path):
+        return  # no limit set, or a missing file: the decoder's own error says which
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+    except (OSError, Image.DecompressionBombError, ValueError):
+        return  # not an image, or far too large: the decoder's own error says which
+    if w * h > limit:
+        raise ValueError(f"image {os.fspath(path)!r} has {w}x{h} = {w * h:,} pixels, more than the {limit:,}-pixel "
+                         "limit (PIL.Image.MAX_IMAGE_PIXELS) every stage applies; downscale it or remove it from the "
+                         "folder.")
 
 
 def check_image(path: str | os.PathLike) -> str | None:

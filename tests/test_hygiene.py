@@ -96,3 +96,17 @@ def test_a_truncated_or_foreign_student_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"config.json' is not a student config"):
         load_student(tmp_path)
+
+
+def test_oversized_images_are_refused_by_every_stage_before_decoding(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from distillery.images import check_image, load_rgb
+
+    Image.new("RGB", (300, 200), "red").save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)  # 60,000 pixels: over the limit, under twice it
+    assert "60,000 pixels, more than the 50,000-pixel limit" in check_image(tmp_path / "big.png")
+    with pytest.raises(ValueError, match=r"300x200 .* PIL.Image.MAX_IMAGE_PIXELS"):
+        load_rgb(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
+    assert load_rgb(tmp_path / "big.png").size == (300, 200)
