@@ -194,10 +194,11 @@ class EpochSampler:
             yield i, self.epoch
 
 
-def list_eval_images(folder: str | Path, folders: list[str], extensions) -> list[tuple[Path, int]]:
+def list_eval_images(folder: str | Path, folders: list[str], extensions, check: bool = False) -> list[tuple[Path, int]]:
     """ImageFolder layout -> ``[(image path, class index)]``; ``folders[i]`` is class i's sub-folder name.
 
-    A sub-folder that matches no class is an error (it would silently be left out of the accuracy).
+    A sub-folder that matches no class is an error (it would silently be left out of the accuracy). ``check``:
+    decode every file first and refuse the folder, naming the files, when one is not a usable image.
     """
     from distillery.rundir import list_images
 
@@ -212,6 +213,14 @@ def list_eval_images(folder: str | Path, folders: list[str], extensions) -> list
     if not items:
         raise ValueError(f"data.eval: no images found in the class sub-folders of {str(folder)!r} (looked for {folders}). "
                          "Use the ImageFolder layout: one sub-folder of images per class.")
+    if check:  # before any training: an evaluation file that cannot be decoded would fail only at the end
+        from distillery.images import check_image
+
+        bad = [(p, why) for p, _ in items if (why := check_image(p)) is not None]
+        if bad:
+            shown = "; ".join(f"{str(p)!r}: {why}" for p, why in bad[:3])
+            raise ValueError(f"data.eval: {len(bad)} file(s) in {str(folder)!r} cannot be used as images ({shown}"
+                             f"{'; ...' if len(bad) > 3 else ''}); remove them or fix data.eval.")
     return items
 
 

@@ -317,7 +317,7 @@ def _setup(job, key: str, eval_folders: list[str], progress: bool) -> _Setup:
 
     check_table_paths(job, rows, paths.manifest)  # a row edited to point elsewhere is refused, not trained on
     # List (never read) the evaluation set now, so a bad layout fails before hours of training.
-    eval_items = list_eval_images(job.data.eval, eval_folders, job.data.extensions) if job.data.eval else []
+    eval_items = list_eval_images(job.data.eval, eval_folders, job.data.extensions, check=True) if job.data.eval else []
     device = resolve_device(cfg.device)
     use_amp = cfg.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
 

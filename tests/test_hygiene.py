@@ -110,3 +110,19 @@ def test_oversized_images_are_refused_by_every_stage_before_decoding(tmp_path, m
         load_rgb(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
     assert load_rgb(tmp_path / "big.png").size == (300, 200)
+
+
+def test_an_eval_folder_with_a_non_image_is_refused_before_training(tmp_path):
+    import shutil
+
+    from distillery.student.data import list_eval_images
+    from tests.conftest import SAMPLE
+
+    for f in ("Forest", "River"):
+        (tmp_path / f).mkdir()
+        for p in sorted((SAMPLE / "eval" / f).glob("*.jpg"))[:2]:
+            shutil.copy(p, tmp_path / f / p.name)
+    assert len(list_eval_images(tmp_path, ["Forest", "River"], (".jpg",), check=True)) == 4
+    (tmp_path / "River" / "notes.jpg").write_text("not an image")
+    with pytest.raises(ValueError, match=r"data.eval: 1 file\(s\) .* cannot be used as images \(.*notes.jpg"):
+        list_eval_images(tmp_path, ["Forest", "River"], (".jpg",), check=True)
