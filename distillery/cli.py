@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(sub.add_parser(
         "run", help="classify images with an exported model (runtime only)",
         description="Classify images with an exported model. Needs only numpy, Pillow and onnxruntime."))
+    from distillery.runtime.evaluate import add_arguments as add_eval_arguments
+
+    add_eval_arguments(sub.add_parser(
+        "eval", help="measure an exported model on a labeled folder (top-1, per-class recall, confusion)",
+        description="Measure an exported model on a labeled folder (one sub-folder per class): top-1, per-class "
+                    "recall, the confusion matrix and the most confident mistakes; --json for the figures. Needs only "
+                    "numpy, Pillow and onnxruntime."))
     t = sub.add_parser("tiny-models", help="build the tiny random models the offline demo job uses",
                        description="Build tiny, seeded, random-initialised models for every role (diffusers, "
                                    "transformers, open_clip, timm classes) into a local folder, once.")
@@ -179,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         from distillery.runtime.cli import run as run_images
 
         return run_images(args)
+    if args.command == "eval":
+        from distillery.runtime.evaluate import run as run_eval
+
+        return run_eval(args)
     try:
         if args.command == "init":
             from .init import run as run_init

@@ -1,6 +1,8 @@
 """End to end through the CLI: teacher -> student -> export -> run, caching, and a kill mid-stage."""
 from __future__ import annotations
 
+import json
+
 import os
 import signal
 import subprocess
@@ -86,6 +88,16 @@ def test_end_to_end_cli(tmp_path, tiny_models, small_unlabeled, capsys):
     assert main(["run", str(paths.onnx), str(images[0])]) == 0
     line = capsys.readouterr().out.strip().split("\t")
     assert line[0] == str(images[0]) and line[1] in [n for n, _ in EUROSAT_CLASSES] and 0 < float(line[2]) <= 1
+
+    # `distillery eval` on the export folder: the student stage's own top-1 on data.eval, the same confusion
+    capsys.readouterr()
+    assert main(["eval", str(paths.export), str(SAMPLE / "eval"), "--json", "-"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["images"] == metrics["eval"]["images"] == 100
+    assert ev["top1"] == pytest.approx(metrics["eval"]["top1"], abs=1e-9), (ev["top1"], metrics["eval"]["top1"])
+    assert np.asarray(ev["confusion"]).sum() == 100 and len(ev["worst"]) <= 10
+    assert main(["eval", str(paths.export), str(SAMPLE)]) == 2  # sub-folders that are not classes: refused
+    assert "do not match the model's classes" in capsys.readouterr().err
 
     # running every stage again changes nothing
     before = snapshot(paths.root)
