@@ -338,7 +338,9 @@ def main() -> dict:
     truth_rows = labeled_rows(labeled, k, "bench: labeled_pool ground truth (one-hot)")
 
     def run(role: str, model: str, data: str, rows: list[dict], epochs: int, **student) -> None:
-        job = _job(s, role, classes, unlabeled_dir, model=model, epochs=epochs, **student)
+        # the job's data folder is where its manifest's images are (the trainer refuses rows from elsewhere)
+        folder = root / "labeled_pool" if data.startswith("labeled_pool") else unlabeled_dir
+        job = _job(s, role, classes, folder, model=model, epochs=epochs, **student)
         metrics, wall = _train(job, rows)
         ev = _evaluate(Path(job.run_path), test, classes, s)
         results["models"][role] = {"model": model, "data": data, "input": student.get("input_size", s["student_input"]),

@@ -186,13 +186,19 @@ def ensemble_weights(job, probs: dict[str, np.ndarray] | None = None, prior: np.
                 if n.startswith("features:"):
                     views.setdefault(n, []).extend(c for c in TEACHERS[t].columns if c in probs)
         linked += [v for v in views.values() if len(v) > 1]
+        # a teacher built on another's column (trained on its pseudo-labels, or fusing it) copies its mistakes
+        for t in running:
+            for d in TEACHERS[t].teacher_needs + read_teachers(job, t):
+                pair = [c for c in (*TEACHERS[d].columns, *TEACHERS[t].columns) if c in probs]
+                if len(pair) > 1:
+                    linked.append(pair)
         w, det = dawid_skene_weights({c: probs[c] for c in cols}, prior, cfg.redundancy_kappa, cfg.collapse_tv,
                                      linked)
         if details is not None:
             details.update(det)
         why = ("Dawid-Skene: each column's accuracy estimated without labels (chance-corrected latent truth; the "
-               "columns of one teacher, of one frozen feature store, and columns with kappa >= "
-               f"{cfg.redundancy_kappa:g} counted once), log-odds weights")
+               "columns of one teacher, of one frozen feature store, of a teacher and the teacher it builds on, and "
+               f"columns with kappa >= {cfg.redundancy_kappa:g} counted once), log-odds weights")
         if det.get("note"):
             why += f"; {det['note']}"
         return w, why
