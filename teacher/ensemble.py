@@ -19,6 +19,7 @@ import numpy as np
 from distillery.rundir import RunPaths, cached_stage, log, stage_key, write_json, write_table
 
 SOFT_TARGET_TEMPERATURE = 1.0  # the soft targets are written at temperature 1 (recorded per manifest row)
+VERSION = "2"  # bump when the fusion changes what it computes (2: Dawid-Skene weights, prior matching), so stamps rerun
 
 
 def fuse(probs: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
@@ -63,7 +64,7 @@ def run_ensemble(job, progress: bool = True, *, images=None, synthetic: list[dic
     inputs = list(files.values()) + ([synthetic_file] if synth_used else []) + syn_files
     if paths.prior.is_file():
         inputs.append(paths.prior)
-    key = stage_key({"ensemble": asdict(cfg), "classes": job.class_names, "columns": cols, "synth": synth_used,
+    key = stage_key({"ensemble": asdict(cfg), "version": VERSION, "classes": job.class_names, "columns": cols, "synth": synth_used,
                      "images": list(images.sha256)}, inputs)
     return cached_stage(job, paths.teacher, "ensemble", key, [paths.pseudo_labels, paths.manifest],
                         lambda: _write_ensemble(job, images, files, synthetic if synth_used else None),
