@@ -146,6 +146,20 @@ def _run_stage(command: str, job, progress: bool) -> None:
         export_onnx(job, progress=progress)
 
 
+def _print_health(job, stage: str) -> None:
+    """The stage's label-free warning signs (distillery/health.py), on stderr at its end; never a failure."""
+    try:
+        from .health import check_run, format_findings
+
+        findings = check_run(job, (stage,))
+    except Exception as e:  # noqa: BLE001 - health checks must never fail a stage
+        print(f"health checks not run ({type(e).__name__}: {e})", file=sys.stderr)
+        return
+    if findings:
+        print(f"{stage}: {len(findings)} thing(s) to check before trusting this run:\n" + format_findings(findings),
+              file=sys.stderr)
+
+
 def _refresh_report(args, job) -> None:
     """Rebuild runs/<job>/report.html after a stage; a failure here is one log line, never the stage's."""
     if getattr(args, "no_report", False):
@@ -266,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 _refresh_report(args, job)
                 raise
             _refresh_report(args, job)
+            _print_health(job, args.command)
         return 0
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to pick up where it stopped", file=sys.stderr)

@@ -611,7 +611,38 @@ def render(job, reuse: dict[str, tuple[str, str]] | None = None) -> str:
     missing = [(sid, f"distillery {'teacher' if sid in ('synthesis', 'teachers') else sid} --job {job_file or 'JOB'}")
                for sid in SECTIONS if sid not in ran]
     return env.get_template(TEMPLATE).render(job=job, rendered=rendered, ran=ran, missing=missing,
-                                             job_file=job_file, classes=job.class_names)
+                                             job_file=job_file, classes=job.class_names, summary=summary(job))
+
+
+def summary(job) -> dict:
+    """The page's first screen: what ran, the headline figures, and the label-free warning signs
+    (distillery/health.py)."""
+    from .health import check_run
+
+    p = RunPaths(job.run_path)
+    figures: list[tuple[str, str]] = []
+    if p.pseudo_labels.is_file():
+        st = read_stamp(p.teacher, "ensemble")
+        figures.append(("pseudo-labeled images", f"{st.get('real', '?')} real + {st.get('synthetic', '?')} synthetic"))
+        if p.teacher_eval.is_file():
+            ens = (read_json(p.teacher_eval).get("columns") or {}).get("ensemble") or {}
+            if ens.get("top1") is not None:
+                figures.append(("ensemble top-1 on data.eval", f"{ens['top1']:.4f}"))
+    if p.student_metrics.is_file():
+        m = read_json(p.student_metrics)
+        ev = (m.get("eval") or {}).get("top1")
+        figures.append(("student", f"{m.get('epochs')} epochs" + (f", top-1 on data.eval {ev:.4f}" if ev is not None
+                                                                   else "")))
+    if p.export_report.is_file():
+        r = read_json(p.export_report)
+        d = r.get("deploy") or {}
+        figures.append(("deployed format", f"{d.get('format', '-')} ({d.get('why', '')})" if d else "none"))
+    try:
+        findings = check_run(job)
+    except Exception as e:  # noqa: BLE001 - the summary never breaks the page
+        findings = [{"stage": "report", "level": "note", "code": "health", "message": f"health checks failed: {e}"}]
+    findings.sort(key=lambda f: f["level"] != "warning")
+    return {"figures": figures, "findings": findings}
 
 
 def build_report(job, reuse: bool = True) -> Path:

@@ -193,6 +193,8 @@ def export_onnx(job, *, progress: bool = True) -> dict:
         "parity_source": images.source,
         "parity_images": parity_paths,
         "calibration_images": len(calib_paths),
+        # too few images to keep them apart: INT8 is then measured on images it was calibrated on
+        "calibration_overlaps_parity": len(set(calib_paths) & set(parity_paths)),
         "formats": {},
     }
     failed = []
