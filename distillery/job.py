@@ -642,26 +642,26 @@ class _DuplicateKey(ValueError):
     pass
 
 
-def _strict_loader():
-    """yaml.SafeLoader that refuses a mapping with a key given twice (PyYAML silently keeps the last one, so a
-    second ``student:`` block would drop the first without a word)."""
+def _refuse_duplicate_keys(node) -> None:
+    """Raise _DuplicateKey for a mapping anywhere in a composed YAML node tree that gives a key twice (PyYAML keeps
+    the last one silently, so a second ``student:`` block would drop the first without a word)."""
     import yaml
 
-    class StrictLoader(yaml.SafeLoader):
-        pass
-
-    def mapping(loader, node, deep=False):
-        seen: dict = {}
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise _DuplicateKey(f"the key {key!r} is given twice (lines {seen[key] + 1} and "
-                                    f"{key_node.start_mark.line + 1}); merge the two blocks into one.")
-            seen[key] = key_node.start_mark.line
-        return loader.construct_mapping(node, deep=deep)
-
-    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    return StrictLoader
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, value_node in n.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    key = (key_node.tag, key_node.value)
+                    if key in seen:
+                        raise _DuplicateKey(f"the key {key_node.value!r} is given twice (lines {seen[key] + 1} and "
+                                            f"{key_node.start_mark.line + 1}); merge the two blocks into one.")
+                    seen[key] = key_node.start_mark.line
+                stack.extend((key_node, value_node))
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
 
 
 def load_job(path: str | os.PathLike, overrides: list[str] | None = None) -> Job:
@@ -685,9 +685,14 @@ def load_job(path: str | os.PathLike, overrides: list[str] | None = None) -> Job
     if not path.is_file():
         raise JobError(f"job file {str(path)!r} not found. Pass --job FILE, e.g. --job examples/eurosat-tiny.yaml.")
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_strict_loader()) or {}
+        text = path.read_text(encoding="utf-8")
+        _refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+        raw = yaml.load(text, Loader=yaml.SafeLoader) or {}
     except _DuplicateKey as e:
         raise JobError(f"job file {str(path)!r}: {e}") from e
+    except UnicodeDecodeError as e:
+        raise JobError(f"job file {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8.") \
+            from e
     except yaml.YAMLError as e:
         raise JobError(f"job file {str(path)!r} is not valid YAML: {e}") from e
     if not isinstance(raw, dict):

@@ -267,9 +267,17 @@ def test_unchanged_rerun_is_skipped(exported, capsys):
     assert "up to date" in capsys.readouterr().err
 
 
-def test_failed_required_gate_raises(tmp_path):
-    job, paths, _ = make_export_job(tmp_path, pseudo_labels=False, min_agreement={"fp32": 1.01}, parity_images=4)
-    with pytest.raises(ExportGateError, match=r"'fp32'.*agreement 1\.0000.*1\.01.*Try:") as e:
+def test_failed_required_gate_raises(tmp_path, monkeypatch):
+    import distillery.export.onnx as stage
+
+    real = stage.parity
+
+    def disagreeing(*args, **kwargs):  # the measured figures, with a top-1 agreement below any sane gate
+        return {**real(*args, **kwargs), "agreement": 0.75}
+
+    monkeypatch.setattr(stage, "parity", disagreeing)
+    job, paths, _ = make_export_job(tmp_path, pseudo_labels=False, min_agreement={"fp32": 0.98}, parity_images=4)
+    with pytest.raises(ExportGateError, match=r"'fp32'.*agreement 0\.7500.*0\.98.*Try:") as e:
         export_onnx(job, progress=False)
     print(e.value)
     report = json.loads(paths.export_report.read_text())
@@ -332,7 +340,7 @@ def test_int8_qat_failure_keeps_the_post_training_model(tmp_path, monkeypatch):
 
     monkeypatch.setattr(qat, "qat_finetune", broken)
     job, paths, _ = make_export_job(tmp_path, formats=["fp32", "int8"], required=["fp32", "int8"], parity_images=6,
-                                    deploy_timing_s=0, min_agreement={"int8": 0.0})
+                                    deploy_timing_s=0, min_agreement={"int8": 1e-9})
     report = export_onnx(job, progress=False)  # int8 is required: a QAT failure must not fail it
     assert report["int8_quantization"]["qat"] == {
         "used": False, "why": "quantisation-aware fine-tuning failed: RuntimeError: no memory left"}
