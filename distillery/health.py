@@ -27,12 +27,18 @@ def _finding(stage: str, level: str, code: str, message: str) -> dict[str, str]:
 
 
 def tiny_roles(job) -> list[str]:
-    """The model roles of ``job`` that point at the tiny random models (a folder under a tiny-models root)."""
+    """The model roles ``job`` uses that point at the tiny random models (a folder under a tiny-models root)."""
     from .models import is_local, local_path
 
+    try:  # only the roles this job's teacher stages load (a table-fed synthetic set never loads the diffusion model)
+        from distillery.teacher import model_roles
+
+        used = set(model_roles(job))
+    except ImportError:
+        used = {"diffusion", "clip", "captioner", "expert"}
     out = []
     for role in ("diffusion", "clip", "captioner", "expert"):
-        ref = getattr(job.models, role, None)
+        ref = getattr(job.models, role, None) if role in used else None
         if not ref or not is_local(ref):
             continue
         p = local_path(ref).resolve()
