@@ -245,7 +245,7 @@ def run_seed(seed: int, out: Path, standin: Path, variant: str, teachers: list[s
     out.mkdir(parents=True, exist_ok=True)
     job = load_job(JOB, overrides)
     paths = RunPaths(job.run_path)
-    write_table(paths.synthetic, synthetic_rows(standin, variant))
+    write_table(paths.synthetic, synthetic_rows(standin, variant), relative_to=paths.root)
     args = ["--job", str(JOB), "--no-progress", *overrides]
     times = {"teacher": _stage(["teacher", *args])}
     res: dict = {"seed": seed, "run": str(out), "seconds": times}

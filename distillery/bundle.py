@@ -199,9 +199,11 @@ Pillow>=10
 
 def _readme(job_name: str, model_rel: str, deploy: dict, golden: dict, wheel: str, contract: dict) -> str:
     tmpl = (BUNDLE_FILES / "README.md.in").read_text(encoding="utf-8")
+    fmt, why = deploy.get("format") or "?", deploy.get("why", "")
+    why = why[len(fmt) + 1:].strip() if why.startswith(f"{fmt}:") else why  # the reason already names the format
     return tmpl.format(job=job_name, model=model_rel, wheel=wheel, n_images=len(golden["images"]),
-                       tolerance=golden["tolerance"]["probability"], format=deploy.get("format") or "?",
-                       why=deploy.get("why", ""), classes=", ".join(golden["class_names"]),
+                       tolerance=golden["tolerance"]["probability"], format=fmt,
+                       why=why, classes=", ".join(golden["class_names"]),
                        contract=json.dumps(contract))
 
 

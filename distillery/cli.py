@@ -33,6 +33,23 @@ local folder. Without internet, set HF_HUB_OFFLINE=1 and point roles at local fo
 """
 
 
+TEACHER_DESCRIPTION = """\
+Run the teacher stages, in this order, each skipped when its inputs and settings are unchanged:
+  lora        a LoRA on the diffusion UNet from the unlabeled images (teacher.lora; with synthesis on)
+  synth       synthetic images per class with the bag-of-tricks prompts (teacher.synth; source: table uses a
+              teacher/synthetic.parquet you place in the run folder)
+  prior       the class prior every column is matched to (teacher.prior: estimated, uniform, given, none)
+  clip        CLIP zero-shot (teacher.clip)
+  air         AiR: prototypes from the synthetic images, fused with zero-shot, prompt learning (teacher.air)
+  latte       LaTTe-CLIP: captioner descriptions and prototype fine-tuning of CLIP (teacher.latte)
+  vermouth    a classifier on diffusion-UNet (or expert) features of the synthetic images (teacher.vermouth)
+  transduct   TransCLIP-style refinement of zero-shot by the unlabeled pool's own structure (teacher.transduct)
+  ensemble    soft labels for every real image, each column weighted by its accuracy estimated without labels
+              (teacher.ensemble), written to teacher/manifest.parquet
+With data.eval set, each column's top-1 on it goes to teacher/eval.json (evaluation only). Enable or disable a
+teacher with teacher.<name>.enabled=true|false; --dry-run estimates the time first."""
+
+
 def _stage_parser(sub, name: str, help_: str, description: str):
     p = sub.add_parser(name, help=help_, description=description, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,6 +60,9 @@ def _stage_parser(sub, name: str, help_: str, description: str):
     if name in ("teacher", "student", "export"):
         p.add_argument("--no-report", action="store_true",
                        help="do not refresh runs/<job>/report.html at the end (`distillery report` builds it)")
+        p.add_argument("--force", action="store_true",
+                       help=f"run the {name} stage again from the start even if it is up to date: its stamps and "
+                            "checkpoints are removed first (content-keyed caches such as image features stay)")
     return p
 
 
@@ -55,8 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     tp = _stage_parser(sub, "teacher", "generate synthetic images, pseudo-label the real ones, write the manifest",
-                       "Run the teacher stages: synthesis (diffusion model), zero-shot CLIP pseudo-labels, and the "
-                       "ensemble that writes teacher/manifest.parquet.")
+                       TEACHER_DESCRIPTION)
     tp.add_argument("--dry-run", action="store_true",
                     help="print per stage the images, UNet evaluations and an estimated time (from a short timed "
                          "calibration run) without writing the run folder")
@@ -258,10 +277,18 @@ def main(argv: list[str] | None = None) -> int:
             from .rundir import clean_temp_files
 
             clean_temp_files(job.run_path, recursive=True)  # half-written files of a killed run (we hold the folder)
+            if getattr(args, "force", False):
+                from .rundir import forget_stage, log
+
+                gone = forget_stage(job.run_path, args.command)
+                log(f"{args.command}: --force: removed {len(gone)} stamp/checkpoint file(s)" +
+                    (f" ({', '.join(gone[:6])}{', ...' if len(gone) > 6 else ''})" if gone else "") +
+                    "; running it from the start")
             if args.command == "bundle":
                 from .bundle import make_bundle
 
                 make_bundle(job, n_images=args.images, progress=progress)
+                _refresh_report(args, job)  # its summary names the bundle
                 return 0
             if args.command == "student" and nproc > 1:
                 from distillery.student.dist import launch

@@ -181,9 +181,11 @@ def job_text(name: str, classes: list[dict], unlabeled: str, eval_dir: str | Non
         f"# distillery job {name!s}: written by `distillery init`; edit freely.",
         "# Run it from any folder:  distillery teacher --job THIS.yaml && distillery student --job THIS.yaml "
         "&& distillery export --job THIS.yaml",
-        "# (or `make teacher student export JOB=THIS.yaml`); runs/<name>/report.html shows every stage.",
+        "# (or `make teacher student export JOB=THIS.yaml`); <run_dir>/report.html shows every stage.",
         "# Every key is a field of a dataclass in distillery/job.py; any of them can be overridden as key=value.",
         f"name: {_q(name)}",
+        f"run_dir: {_q('runs/' + name)}   # relative to this file's folder, whatever folder you run from; the run "
+        "folder can be moved or copied",
         "seed: 0",
         f"domain: {_q(domain) if domain else 'null'}   # a phrase used in prompts, e.g. \"satellite photo\"; "
         "null = none",

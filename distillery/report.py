@@ -259,8 +259,8 @@ def _synthesis(run: _Run) -> Section | None:
 
 
 def _column_arrays(rows: list[dict]) -> dict[str, np.ndarray]:
-    cols = [k[2:] for k in rows[0] if k.startswith("p_")] if rows else []
-    out = {c: np.asarray([r[f"p_{c}"] for r in rows], dtype=np.float64) for c in cols}
+    cols = [k[2:] for k in rows[0] if k.startswith("p_") and isinstance(rows[0][k], (list, tuple))] if rows else []
+    out = {c: np.asarray([r[f"p_{c}"] for r in rows], dtype=np.float64) for c in cols}  # probability vectors only
     if rows and "soft_target" in rows[0]:
         out["ensemble"] = np.asarray([r["soft_target"] for r in rows], dtype=np.float64)
     return out
@@ -505,7 +505,11 @@ def _export(run: _Run) -> Section | None:
     else:
         sec.facts.append(("deployed", "nothing: no format passed its gate"))
     q = (r.get("int8_quantization") or {}).get("qat")
-    if q:
+    if q and q.get("epochs") is None:  # skipped or failed before training: say why, not a row of Nones
+        sec.facts.append(("INT8 quantisation-aware fine-tuning",
+                          "not used: " + str(q.get("why") or q.get("reason") or q.get("error") or "no reason recorded")
+                          + "; the post-training INT8 model is the one gated"))
+    elif q:
         used = "the QAT model" if q.get("used") else "the post-training model"
         extra = q.get("reason") or q.get("error")
         sec.facts.append(("INT8 quantisation-aware fine-tuning",
@@ -636,7 +640,17 @@ def summary(job) -> dict:
     if p.export_report.is_file():
         r = read_json(p.export_report)
         d = r.get("deploy") or {}
-        figures.append(("deployed format", f"{d.get('format', '-')} ({d.get('why', '')})" if d else "none"))
+        fmt, why = d.get("format") or "-", d.get("why", "")
+        why = why[len(fmt) + 1:].strip() if why.startswith(f"{fmt}:") else why  # the reason may name it already
+        figures.append(("deployed format", f"{fmt} ({why})" if d else "none"))
+    bundle = p.root / "bundle" / "bundle.json"
+    if bundle.is_file():
+        try:
+            b, g = read_json(bundle), read_json(bundle.parent / "golden.json")
+            figures.append(("bundle", f"{bundle.parent} ({b.get('deploy', {}).get('format')}, {b.get('wheel')}, "
+                                      f"smoke test on {len(g.get('images', []))} golden images)"))
+        except (OSError, ValueError):
+            figures.append(("bundle", f"{bundle.parent} (unreadable bundle.json or golden.json)"))
     try:
         findings = check_run(job)
     except Exception as e:  # noqa: BLE001 - the summary never breaks the page

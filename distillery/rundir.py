@@ -289,11 +289,49 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def write_table(path: str | os.PathLike, rows: list[dict] | dict[str, list], schema=None) -> None:
-    """Write a Parquet table atomically from row dicts or a column dict."""
+#: columns of a table that hold image paths: a relative value is relative to the table's own folder
+PATH_COLUMNS = ("path", "full_path", "synthetic_path")
+
+
+def _relative_paths(path: Path, rows: list[dict] | dict[str, list], root: Path) -> list[dict] | dict[str, list]:
+    """``rows`` with every path-column value that lies inside ``root`` made relative to ``path``'s folder."""
+    root, here = root.resolve(), path.parent.resolve()
+
+    def rel(v):
+        if not isinstance(v, str) or not v or not os.path.isabs(v):
+            return v
+        real = Path(os.path.normpath(v))
+        return os.path.relpath(real, here).replace(os.sep, "/") if real.is_relative_to(root) else v
+
+    if isinstance(rows, dict):
+        return {k: ([rel(v) for v in col] if k in PATH_COLUMNS else col) for k, col in rows.items()}
+    return [{k: (rel(v) if k in PATH_COLUMNS else v) for k, v in r.items()} for r in rows]
+
+
+def portable_paths(paths, root: str | os.PathLike) -> list[str]:
+    """``paths`` as they go into a stage key: relative (posix) when inside the run folder ``root``, so a moved or
+    copied run folder keeps its keys; absolute otherwise."""
+    root = Path(root).resolve()
+    out = []
+    for p in paths:
+        real = Path(os.path.normpath(Path(p).resolve()))
+        out.append(real.relative_to(root).as_posix() if real.is_relative_to(root) else str(p))
+    return out
+
+
+def write_table(path: str | os.PathLike, rows: list[dict] | dict[str, list], schema=None,
+                relative_to: str | os.PathLike | None = None) -> None:
+    """Write a Parquet table atomically from row dicts or a column dict.
+
+    With ``relative_to`` (a run folder), image paths inside it (:data:`PATH_COLUMNS`) are stored relative to the
+    table's own folder, so a run folder can be moved or copied; :func:`read_table` gives them back absolute.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    path = Path(path)
+    if relative_to is not None:
+        rows = _relative_paths(path, rows, Path(relative_to))
     if isinstance(rows, dict):
         table = pa.table(rows, schema=schema)
     else:
@@ -303,12 +341,22 @@ def write_table(path: str | os.PathLike, rows: list[dict] | dict[str, list], sch
 
 
 def read_table(path: str | os.PathLike, what: str = "table") -> list[dict]:
+    """A Parquet table's rows; a relative image path (:data:`PATH_COLUMNS`) is returned absolute, joined to the
+    table's own folder."""
     import pyarrow.parquet as pq
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {str(path)!r} is missing; run the stage that writes it first.")
-    return pq.read_table(path).to_pylist()
+    rows = pq.read_table(path).to_pylist()
+    here = None
+    for r in rows:
+        for k in PATH_COLUMNS:
+            v = r.get(k)
+            if isinstance(v, str) and v and not os.path.isabs(v):
+                here = here or path.parent.resolve()
+                r[k] = os.path.normpath(here / v)
+    return rows
 
 
 def list_images(folder: str | os.PathLike, extensions=IMAGE_EXTENSIONS) -> list[Path]:
@@ -387,6 +435,28 @@ def cached_stage(job, stage_dir: Path, stage: str, key: str, outputs: list[str |
     info = compute() or {}
     mark_done(stage_dir, stage, key, info)
     return {**info, "up_to_date": False}
+
+
+#: what ``--force`` removes in a stage's folder: the stamps that say it is done and the checkpoints it resumes from
+FORGET_PATTERNS = (".*.stamp.json", "checkpoint.pt", "checkpoint.safetensors", "latte.pt", ".synthetic.progress.jsonl")
+
+
+def forget_stage(root: str | os.PathLike, stage: str) -> list[str]:
+    """Make ``stage`` (teacher, student or export) of the run folder ``root`` run again from the start: remove its
+    stamps and resumable checkpoints (:data:`FORGET_PATTERNS`, in its folder and below). Content-keyed caches (image
+    decodes, image features, descriptions) stay: they are valid for any run that asks for the same content.
+    Returns the removed files, relative to ``root``."""
+    root = Path(root)
+    folder = root / stage
+    if not folder.is_dir():
+        return []
+    removed = []
+    for pattern in FORGET_PATTERNS:
+        for p in sorted(folder.rglob(pattern)):
+            if p.is_file():
+                p.unlink()
+                removed.append(p.relative_to(root).as_posix())
+    return sorted(removed)
 
 
 def save_resolved_job(job, folder: Path) -> None:

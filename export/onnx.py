@@ -44,8 +44,8 @@ import numpy as np
 
 from distillery import killpoints
 from distillery.job import DEFAULT_MIN_AGREEMENT
-from distillery.rundir import (RunPaths, is_done, log, mark_done, read_json, save_resolved_job, sha256_file,
-                               stage_key, stamp_path, write_json)
+from distillery.rundir import (RunPaths, is_done, log, mark_done, portable_paths, read_json, save_resolved_job,
+                               sha256_file, stage_key, stamp_path, write_json)
 from distillery.runtime.preprocess import contract_from_data_config, preprocess_batch
 
 from .deploy import _gate_figures, choose_deploy
@@ -124,8 +124,10 @@ def export_onnx(job, *, progress: bool = True) -> dict:
                                     "(`distillery student --job JOB.yaml`).")
     image_hashes = [sha256_file(p) for p in parity_paths + calib_paths]
     key = stage_key({"export": _key_settings(cfg), "classes": job.class_names, "version": EXPORT_VERSION}, inputs,
-                    extra={"parity": parity_paths, "calibration": calib_paths, "images": image_hashes,
-                           "qat": qat_paths, "int8_choice": choice_paths})
+                    extra={"parity": portable_paths(parity_paths, paths.root),
+                           "calibration": portable_paths(calib_paths, paths.root), "images": image_hashes,
+                           "qat": portable_paths(qat_paths, paths.root),
+                           "int8_choice": portable_paths(choice_paths, paths.root)})
     if is_done(out_dir, STAGE, key, [files["fp32"], paths.export_report]) and all(
             files[f].is_file() for f in read_json(stamp_path(out_dir, STAGE)).get("formats", formats)):
         if progress:

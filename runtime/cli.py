@@ -1,4 +1,4 @@
-"""``distillery run MODEL IMAGE... [--json] [--topk K] [--text-embeddings FILE]``: classify images with an exported model.
+"""``distillery run MODEL IMAGE|FOLDER... [--json] [--topk K] [--text-embeddings FILE]``: classify images with an exported model.
 
 Prints one line per image, ``path<TAB>label<TAB>probability`` (with ``--topk K`` the next best
 ``label<TAB>probability`` pairs follow on the same line), or with ``--json`` one JSON object per
@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 __all__ = ["add_arguments", "run", "main"]
@@ -22,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL",
                    help="the export folder written by `distillery export` (runs/<job>/export: runs the format its "
                         "report.json deploys) or one of its model files (model.onnx, model.int8.onnx, ...)")
-    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files to classify")
+    p.add_argument("images", metavar="IMAGE", nargs="+",
+                   help="image files to classify, or folders (every image under them, recursively, sorted)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image instead of tab-separated text")
     p.add_argument("--topk", type=int, default=1, metavar="K", help="also print the next best K-1 classes (default 1)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per inference batch (default 32)")
@@ -38,6 +40,29 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def expand_images(items: Sequence[str]) -> list[str]:
+    """The image files named by ``items``: a file as given, a folder as the image files under it (recursive,
+    sorted, hidden files skipped). Raises ValueError naming a path that does not exist or a folder without images."""
+    from .evaluate import EXTENSIONS
+
+    out, missing = [], []
+    for item in items:
+        if os.path.isdir(item):
+            found = sorted(str(p) for p in Path(item).rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(item).parts))
+            if not found:
+                raise ValueError(f"folder {item!r} has no images ({', '.join(EXTENSIONS)}, searched recursively).")
+            out += found
+        elif os.path.isfile(item):
+            out.append(item)
+        else:
+            missing.append(item)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"image {missing[0]!r} does not exist{more}; check the path.")
+    return out
+
+
 def _error(msg: str) -> int:
     print(f"distillery run: error: {msg}", file=sys.stderr)
     return 2
@@ -51,10 +76,10 @@ def run(args: argparse.Namespace) -> int:
         return _error(f"--topk {args.topk}: must be >= 1.")
     if args.batch_size < 1:
         return _error(f"--batch-size {args.batch_size}: must be >= 1.")
-    missing = [p for p in args.images if not os.path.isfile(p)]
-    if missing:  # fail before loading anything
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        return _error(f"image {missing[0]!r} does not exist{more}; check the path.")
+    try:
+        args.images = expand_images(args.images)
+    except ValueError as e:  # fail before loading anything
+        return _error(str(e))
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     try:
         with warnings.catch_warnings(record=True) as caught:

@@ -248,7 +248,7 @@ def train_student(job, *, progress: bool = True) -> dict:
     if cfg.head == "embedding":
         outputs.append(paths.student / TEXT_FILE)
     if is_done(paths.student, STAGE, key, outputs):
-        log(f"student: up to date ({paths.student}); delete {stamp_path(paths.student, STAGE).name} there to retrain.")
+        log(f"student: up to date ({paths.student}); `distillery student --force` retrains it.")
         return read_json(paths.student_metrics)
 
     if is_main():  # a write killed mid-way (e.g. of checkpoint.pt) leaves its temporary file behind

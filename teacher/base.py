@@ -273,9 +273,9 @@ class TeacherResult:
     info: dict = field(default_factory=dict)
 
 
-def _write_probs(path: Path, images, probs: np.ndarray) -> None:
+def _write_probs(path: Path, images, probs: np.ndarray, root: Path) -> None:
     write_table(path, {"path": images.str_paths, "sha256": list(images.sha256),
-                       "probs": [row.tolist() for row in np.asarray(probs, np.float32)]})
+                       "probs": [row.tolist() for row in np.asarray(probs, np.float32)]}, relative_to=root)
 
 
 def _as_stored(p) -> np.ndarray:
@@ -422,25 +422,25 @@ def run_teachers(job, images, eval_images, executor, progress: bool = True, synt
                       len(syn_images) if syn_images is not None else None)
         matched = _match_columns(res, prior)
         for c, p in res.probs.items():
-            _write_probs(paths.probs(c), images, p)
+            _write_probs(paths.probs(c), images, p, paths.root)
             columns[c] = _as_stored(p)
             killpoints.progress(f"teacher.{name}.column")
         for o in extra_outs:
             o.unlink(missing_ok=True)
         for c, p in res.eval_probs.items():
-            _write_probs(paths.eval_probs(c), eval_images, p)
+            _write_probs(paths.eval_probs(c), eval_images, p, paths.root)
             eval_columns[c] = _as_stored(p)
             raw = matched.get(c, {}).pop("raw_eval", None)
             if raw is not None:
-                _write_probs(paths.eval_probs_uncorrected(c), eval_images, raw)
+                _write_probs(paths.eval_probs_uncorrected(c), eval_images, raw, paths.root)
                 uncorrected_eval[c] = _as_stored(raw)
         for m in matched.values():
             m.pop("raw_eval", None)
         for c, p in res.synthetic_probs.items():
-            _write_probs(paths.synthetic_probs(c), syn_images, p)
+            _write_probs(paths.synthetic_probs(c), syn_images, p, paths.root)
             syn_columns[c] = _as_stored(p)
         for tname, rows in res.tables.items():
-            write_table(ctx.out_dir / f"{tname}.parquet", rows)
+            write_table(ctx.out_dir / f"{tname}.parquet", rows, relative_to=paths.root)
         stamp = {**res.info, "images": len(images), "seconds": round(elapsed, 2)}
         if matched:
             stamp["prior_match"] = matched

@@ -139,7 +139,7 @@ def _write_ensemble(job, images, files: dict, synthetic: list[dict] | None) -> d
         pl[f"p_{t}"] = p.astype(np.float32).tolist()
     pl.update({"soft_target": soft.astype(np.float32).tolist(), "label": label.astype(np.int64).tolist(),
                "confidence": conf.astype(np.float32).tolist(), "agreement": agree.astype(np.float32).tolist()})
-    write_table(paths.pseudo_labels, pl)
+    write_table(paths.pseudo_labels, pl, relative_to=paths.root)
     from distillery import killpoints
 
     killpoints.progress("ensemble.pseudo_labels")  # testing hook: before the manifest
@@ -167,7 +167,7 @@ def _write_ensemble(job, images, files: dict, synthetic: list[dict] | None) -> d
     schema = pa.schema([("path", pa.string()), ("source", pa.string()), ("sha256", pa.string()),
                         ("label", pa.int64()), ("soft_target", pa.list_(pa.float32())), ("weight", pa.float32()),
                         ("temperature", pa.float32()), ("provenance", pa.string())])
-    write_table(paths.manifest, rows, schema=schema)
+    write_table(paths.manifest, rows, schema=schema, relative_to=paths.root)
     counts = np.bincount(label, minlength=n_classes).tolist()
     info = {"real": len(images), "synthetic": n_syn, "columns": list(probs), "weights": {c: weights[c] for c in used},
             "weights_why": why, "weights_details": details, "synthetic_dropped": dropped,

@@ -352,7 +352,7 @@ def run_synth(job, progress: bool = True, executor=None) -> dict:
         d["output_size"] = s.output_size
         d["antialias"] = s.antialias
         rows.append(d)
-    write_table(paths.synthetic, rows)
+    write_table(paths.synthetic, rows, relative_to=paths.root)
     killpoints.progress("synth.table")
     _progress_log(paths).unlink(missing_ok=True)
     write_grids(job, rows)

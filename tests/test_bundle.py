@@ -144,6 +144,28 @@ def test_app_classifies_a_folder_and_explains_missing_opencv(bundle, tmp_path):
     assert res.returncode != 0 and "need OpenCV, which is not installed" in res.stderr
 
 
+def test_app_without_the_runtime_says_what_to_install(bundle, tmp_path):
+    out, _, _ = bundle
+    code = ("import runpy, sys; sys.modules['distillery.runtime'] = None; sys.argv = ['app.py', 'images']; "
+            "sys.exit(runpy.run_path('app.py', run_name='__main__'))")
+    res = _run([sys.executable, "-c", code], cwd=out)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "cannot import the runtime" in res.stderr and "pip install -r requirements-x86.txt" in res.stderr
+
+
+def test_bundle_readme_names_the_format_once_and_the_report_names_the_bundle(bundle):
+    from distillery.bundle import _readme
+
+    out, paths, _ = bundle
+    readme = (out / "README.md").read_text()
+    assert "fp32: fp32" not in readme and "(fp32: " in readme
+    text = _readme("j", "model/model.onnx", {"format": "fp16", "why": "fp16: fastest"},
+                   {"images": [], "tolerance": {"probability": 0.02}, "class_names": ["a"]}, "w.whl", {})
+    assert "(fp16: fastest)" in text
+    html = (paths.root / "report.html").read_text()  # `bundle` refreshes the report; its summary names it
+    assert "smoke test on 6 golden images" in html
+
+
 def test_bundle_without_export_is_a_clear_error(tmp_path, capsys):
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump({"name": "x", "classes": CLASSES, "data": {"unlabeled": str(tmp_path)},

@@ -126,3 +126,37 @@ def test_an_eval_folder_with_a_non_image_is_refused_before_training(tmp_path):
     (tmp_path / "River" / "notes.jpg").write_text("not an image")
     with pytest.raises(ValueError, match=r"data.eval: 1 file\(s\) .* cannot be used as images \(.*notes.jpg"):
         list_eval_images(tmp_path, ["Forest", "River"], (".jpg",), check=True)
+
+
+def test_forget_stage_removes_only_that_stages_stamps_and_checkpoints(tmp_path):
+    from distillery.rundir import forget_stage
+
+    files = ["teacher/.synth.stamp.json", "teacher/lora/.lora.stamp.json", "teacher/lora/checkpoint.safetensors",
+             "teacher/latte/latte.pt", "teacher/.synthetic.progress.jsonl", "teacher/features/clip/0.npy",
+             "teacher/manifest.parquet", "student/.student.stamp.json", "student/checkpoint.pt"]
+    for f in files:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("x")
+    assert forget_stage(tmp_path, "teacher") == sorted(files[:5])
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == sorted(files[5:])
+    assert forget_stage(tmp_path, "export") == []  # a stage that never ran
+
+
+def test_tables_store_run_folder_paths_relative_to_themselves(tmp_path):
+    import pyarrow.parquet as pq
+
+    from distillery.rundir import read_table, write_table
+
+    run, data = tmp_path / "run", tmp_path / "data"
+    rows = [{"path": str(run / "teacher" / "synthetic" / "a.png"), "full_path": None},
+            {"path": str(data / "x.jpg"), "full_path": str(run / "teacher" / "full" / "a.png")}]
+    write_table(run / "teacher" / "air" / "t.parquet", rows, relative_to=run)
+    stored = pq.read_table(run / "teacher" / "air" / "t.parquet").to_pylist()
+    assert stored == [{"path": "../synthetic/a.png", "full_path": None},
+                      {"path": str(data / "x.jpg"), "full_path": "../full/a.png"}]
+    assert read_table(run / "teacher" / "air" / "t.parquet") == rows
+    (tmp_path / "moved").mkdir()
+    (run).rename(tmp_path / "moved" / "run")  # a moved run reads its own files where they now are
+    back = read_table(tmp_path / "moved" / "run" / "teacher" / "air" / "t.parquet")
+    assert back[0]["path"] == str(tmp_path / "moved" / "run" / "teacher" / "synthetic" / "a.png")
+    assert back[1]["path"] == str(data / "x.jpg")

@@ -109,6 +109,45 @@ def test_end_to_end_cli(tmp_path, tiny_models, small_unlabeled, capsys):
     assert main(["student", "--job", str(job), "--no-progress", "student.epochs=2"]) == 0
     assert read_json(paths.student_metrics)["epochs"] == 2
 
+    # a moved run folder continues where it stopped: paths inside it are stored relative to it
+    import pyarrow.parquet as pq
+
+    stored = pq.read_table(paths.manifest).column("path").to_pylist()
+    assert sum(not os.path.isabs(p) for p in stored) == 10  # the synthetic images, relative to teacher/
+    assert main(["export", "--job", str(job), "--no-progress", "student.epochs=2"]) == 0  # the retrained student
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    os.rename(paths.root, moved)
+    raw = yaml.safe_load(job.read_text())
+    raw["run_dir"] = str(moved)
+    job.write_text(yaml.safe_dump(raw))
+
+    def outputs(root):
+        return {str(Path(p).relative_to(root)): t for p, t in snapshot(root).items()
+                if not p.endswith(("report.html", ".lock"))}
+
+    before = outputs(moved)
+    for stage in ("teacher", "student", "export"):
+        assert main([stage, "--job", str(job), "--no-progress", "student.epochs=2"]) == 0, stage
+    assert outputs(moved) == before  # nothing recomputed
+    assert all(r["path"].startswith(str(moved)) for r in read_table(RunPaths(moved).manifest)
+               if r["source"] == "synthetic")
+
+    # --force runs an up-to-date stage again from the start
+    onnx = RunPaths(moved).onnx
+    mtime = onnx.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["export", "--job", str(job), "--no-progress", "--force", "student.epochs=2"]) == 0
+    assert onnx.stat().st_mtime_ns != mtime and "--force: removed 1 stamp/checkpoint file(s)" in capsys.readouterr().err
+
+
+def test_teacher_help_names_every_registered_teacher():
+    from distillery.cli import TEACHER_DESCRIPTION
+    from distillery.teacher import TEACHERS
+
+    for name in (*TEACHERS, "lora", "synth", "prior", "ensemble"):
+        assert f"\n  {name} " in TEACHER_DESCRIPTION, name
+
 
 def test_bad_job_exits_2_with_message(tmp_path, capsys):
     p = tmp_path / "job.yaml"

@@ -410,6 +410,8 @@ def test_init_writes_a_job_that_loads_from_anywhere(tmp_path, tiny_models, monke
     assert job.domain == "satellite photo" and job.data.eval == str(ev.resolve())
     assert job.models.clip == str((tiny_folder / "clip").resolve()) and Path(job.models.clip).is_absolute()
     assert job.export.formats == ["fp32", "fp16", "int8"] and len(job.teacher.synth.tricks) == 4
+    # init writes run_dir: the run folder sits beside the job file whatever folder a stage is run from
+    assert job.run_path == (out.parent / "runs" / "my-job").resolve()
 
     real = tmp_path / "real.yaml"
     assert main(["init", "--classes", "cat,dog", "--unlabeled", str(SAMPLE / "unlabeled"), "--real",

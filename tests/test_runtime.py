@@ -267,6 +267,25 @@ def test_cli_prints_class_and_probability(model_path, image_files, capsys):
     assert rec["path"] == image_files[0] and rec["label"] in CLASSES and len(rec["topk"]) == 2
 
 
+def test_cli_takes_folders(model_path, image_files, tmp_path, capsys):
+    """A folder stands for every image under it (sorted, recursive, hidden files skipped); an empty one is refused."""
+    import shutil
+
+    folder = tmp_path / "batch"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(image_files[0], folder / "b.png")
+    shutil.copy(image_files[3], folder / "sub" / "a.jpg")
+    shutil.copy(image_files[1], folder / ".hidden.png")
+    (folder / "notes.txt").write_text("not an image")
+    assert run_main([str(model_path), str(folder), image_files[2]]) == 0
+    paths = [line.split("\t")[0] for line in capsys.readouterr().out.strip().splitlines()]
+    assert paths == [str(folder / "b.png"), str(folder / "sub" / "a.jpg"), image_files[2]]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_main([str(model_path), str(empty)]) == 2
+    assert "has no images" in capsys.readouterr().err
+
+
 def test_cli_exit_codes(model_path, image_files, tmp_path, capsys):
     assert run_main([str(model_path), str(tmp_path / "missing.jpg")]) == 2
     assert "missing.jpg" in capsys.readouterr().err

@@ -89,8 +89,13 @@ def test_build_loads_through_the_product_loaders_and_is_stamped(pool, tmp_path, 
     assert len(rows) == 20 and {r["class_index"] for r in rows} == set(range(10))
     from distillery.rundir import sha256_file
 
-    assert all(sha256_file(out / r["path"]) == r["sha256"] for r in rows)
-    assert all(Path(r["path"]).parts[1] == f"{r['class_index']}-{st._slug(r['class_name'])}" for r in rows)
+    assert all(sha256_file(r["path"]) == r["sha256"] for r in rows)
+    # stored relative to the table's folder (the stand-ins can be moved), read back absolute
+    import pyarrow.parquet as pq
+
+    stored = pq.read_table(out / "generator.parquet").column("path").to_pylist()
+    assert [str((out / p).resolve()) for p in stored] == [str(Path(r["path"]).resolve()) for r in rows]
+    assert all(Path(p).parts[1] == f"{r['class_index']}-{st._slug(r['class_name'])}" for p, r in zip(stored, rows))
 
     # unchanged inputs: nothing is rebuilt
     before = (out / "clip" / "open_clip_model.safetensors").stat().st_mtime_ns

@@ -86,7 +86,13 @@ def main(argv=None) -> int:
     if args.every < 1 or args.topk < 1:
         p.error("--every and --topk must be >= 1")
 
-    from distillery.runtime import Classifier
+    try:
+        from distillery.runtime import Classifier
+    except ImportError as e:  # the runtime wheel or one of its requirements is not installed
+        print(f"app: cannot import the runtime ({e}); install the bundle's requirements and wheel first:\n"
+              "  pip install -r requirements-x86.txt wheels/*.whl\n"
+              "(on a Jetson: requirements-jetpack.txt; see README.md)", file=sys.stderr)
+        return 2
 
     providers = [s.strip() for s in args.providers.split(",") if s.strip()] if args.providers else None
     if args.tensorrt:
